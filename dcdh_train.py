@@ -1,0 +1,288 @@
+"""Train a DCDH hashing model (Zhang et al., Pattern Recognition 2021).
+
+    python dcdh_train.py --dataset facescrub --len 48 --save dcdh_facescrub48.tar
+
+The authors' flags and defaults work unchanged (``--save --len --bs --lr --sigma
+--inner_param --eta``). The checkpoint with the lowest epoch training loss is kept in the
+authors' format (``backbone``, ``centers``) plus optimizer, epoch and config; a second file
+``<name>.last.tar`` holds the latest epoch so ``--resume`` can continue a killed run.
+"""
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+from data import DATASETS, build_datasets, default_backbone, make_loader, training_view
+from evaluation import evaluate, format_metrics
+from models import BACKBONES, DEFAULT_IMAGE_SIZE, DCDHLoss, build_model, check_image_size
+from utils.checkpoint import DEFAULT_DIR, load_checkpoint, save_checkpoint
+from utils.device import resolve_device
+from utils.errors import UserInputError, exit_on_user_error
+from utils.log import setup_logger
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(description="Train DCDH (Deep Center-Based Dual-Constrained Hashing).",
+                                add_help=add_help)
+    # the authors' flags
+    p.add_argument("--dataset", default="facescrub", help=f"one of {{{', '.join(DATASETS)}}} (default facescrub)")
+    p.add_argument("--save", default=None, help="checkpoint name (under --checkpoint-dir) or path "
+                   "(default dcdh_<dataset><len>.tar)")
+    p.add_argument("--len", type=int, default=48, help="code length K in bits (paper: 12, 24, 36, 48; default 48)")
+    p.add_argument("--bs", type=int, default=256, help="batch size (default 256)")
+    p.add_argument("--lr", type=float, default=0.005, help="learning rate of network and centers (default 0.005)")
+    p.add_argument("--sigma", type=float, default=0.25, help="Gaussian width of the pull term (default 0.25)")
+    p.add_argument("--inner_param", type=float, default=0.1, help="lambda, weight of the center push term (default 0.1)")
+    p.add_argument("--eta", type=float, default=0.01, help="weight of the quantization term (default 0.01)")
+    # ours
+    p.add_argument("--data-root", default=None, help="dataset folder with train/ and test/ "
+                   "(default ./FaceScrub, ./YouTube, ./vggface2)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 600 with Adam, 150 with SGD)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 for DDH, 2 for folders)")
+    p.add_argument("--checkpoint-dir", default=DEFAULT_DIR, help="output folder (default ./checkpoint)")
+    p.add_argument("--backbone", default=None, choices=BACKBONES,
+                   help="network (default dfhnet for 32x32 sets, spherenet20 for image folders)")
+    p.add_argument("--pretrained", action="store_true", help="torchvision backbones: ImageNet weights from the local cache")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the backbone's)")
+    p.add_argument("--optimizer", default=None, choices=("adam", "sgd"),
+                   help="default adam (amsgrad, wd 1e-4, lr x0.5 every 100 epochs) for dfhnet, "
+                   "sgd (momentum 0.9, wd 5e-4, lr x0.1 every 50 epochs) otherwise")
+    p.add_argument("--eval-every", type=int, default=10, help="print mAP every N epochs and after the last (0: never)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue a run from PATH (default: <checkpoint-dir>/<save>.last.tar)")
+    return p
+
+
+RECIPES = {
+    # optimizer: (weight decay, lr step in epochs, lr factor, default epochs) — DESIGN.md
+    "adam": (1e-4, 100, 0.5, 600),
+    "sgd": (5e-4, 50, 0.1, 150),
+}
+
+
+def build_optimizer(name, model, criterion, lr):
+    """The authors' optimizers: Adam (amsgrad on the network group, as in their code) or SGD.
+
+    Both the network and the class centers get weight decay (1e-4 Adam, 5e-4 SGD).
+    """
+    wd = RECIPES[name][0]
+    if name == "adam":
+        return torch.optim.Adam([
+            {"params": model.parameters(), "weight_decay": wd, "lr": lr, "amsgrad": True},
+            {"params": criterion.parameters(), "weight_decay": wd, "lr": lr},
+        ])
+    return torch.optim.SGD([
+        {"params": model.parameters(), "weight_decay": wd},
+        {"params": criterion.parameters(), "weight_decay": wd},
+    ], lr=lr, momentum=0.9)
+
+
+def learning_rate(base_lr, epoch, optimizer_name):
+    """Step schedule: ``base_lr * factor ** (epoch // step)`` for 0-based ``epoch``."""
+    _, step, factor, _ = RECIPES[optimizer_name]
+    return base_lr * factor ** (epoch // step)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def train_one_epoch(model, criterion, optimizer, loader, device, epoch, progress=True):
+    """One pass over ``loader`` minimising the DCDH loss.
+
+    Returns: dict with the sample-weighted means ``loss``, ``pull``, ``push``, ``quant`` (floats),
+    ``images`` (int) and ``seconds`` (float).
+    Raises: NonFiniteLoss naming the epoch (1-based) and batch when the loss is NaN or infinite.
+    """
+    model.train()
+    criterion.train()
+    sums = {"loss": 0.0, "pull": 0.0, "push": 0.0, "quant": 0.0}
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None if progress else True,
+               file=sys.stderr, unit="batch")
+    for batch, (images, labels) in enumerate(bar):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        terms = criterion.terms(model(images), labels)
+        loss = terms["total"]
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the loss became {value} at epoch {epoch + 1}, batch {batch + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = images.shape[0]
+        seen += n
+        sums["loss"] += value * n
+        for k in ("pull", "push", "quant"):
+            sums[k] += terms[k].item() * n
+        bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+    out = {k: v / max(seen, 1) for k, v in sums.items()}
+    out.update(images=seen, seconds=time.perf_counter() - start)
+    return out
+
+
+def _check_args(args):
+    if args.len <= 0:
+        raise UserInputError(f"--len {args.len}: the code length must be a positive integer (paper: 12, 24, 36, 48)")
+    if args.bs <= 0:
+        raise UserInputError(f"--bs {args.bs}: the batch size must be a positive integer")
+    if args.epochs is not None and args.epochs <= 0:
+        raise UserInputError(f"--epochs {args.epochs}: must be a positive integer")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UserInputError(f"--lr {args.lr}: must be a positive number")
+    if not (args.sigma > 0 and math.isfinite(args.sigma)):
+        raise UserInputError(f"--sigma {args.sigma}: must be a positive number")
+    for flag in ("inner_param", "eta"):
+        v = getattr(args, flag)
+        if not (v >= 0 and math.isfinite(v)):
+            raise UserInputError(f"--{flag} {v}: must be a non-negative number")
+    if args.workers is not None and args.workers < 0:
+        raise UserInputError(f"--workers {args.workers}: must be >= 0")
+    if args.eval_every < 0:
+        raise UserInputError(f"--eval-every {args.eval_every}: must be >= 0")
+    if args.dataset not in DATASETS:
+        raise UserInputError(f"--dataset {args.dataset!r} is unknown; expected one of {', '.join(DATASETS)}")
+
+
+def _output_paths(args):
+    """(best checkpoint path, last-state path, log path); checks the folder is writable."""
+    name = args.save or f"dcdh_{args.dataset}{args.len}.tar"
+    path = name if os.path.dirname(name) else os.path.join(args.checkpoint_dir, name)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserInputError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
+    stem, ext = os.path.splitext(path)
+    return path, f"{stem}.last{ext or '.tar'}", f"{stem}.log"
+
+
+@exit_on_user_error("dcdh_train.py")
+def main(args):
+    _check_args(args)
+    device = resolve_device(args.device)
+    best_path, last_path, log_path = _output_paths(args)
+    resume_path = None
+    if args.resume is not None:
+        resume_path = last_path if args.resume == "auto" else args.resume
+        if not os.path.isfile(resume_path):
+            raise UserInputError(f"--resume: no such checkpoint {resume_path}")
+
+    backbone = args.backbone or default_backbone(args.dataset, args.image_size)
+    image_size = args.image_size or DEFAULT_IMAGE_SIZE[backbone]
+    try:
+        check_image_size(backbone, image_size)
+    except ValueError as e:
+        raise UserInputError(str(e)) from None
+    optimizer_name = args.optimizer or ("adam" if backbone == "dfhnet" else "sgd")
+    epochs = args.epochs or RECIPES[optimizer_name][3]
+
+    database, queries, label_map = build_datasets(args.dataset, args.data_root, image_size)
+    train_set = training_view(database)
+    num_classes = len(label_map)
+    if num_classes < 2:
+        raise UserInputError(f"the training split has {num_classes} identity; DCDH needs at least 2")
+    if args.bs > len(train_set):
+        raise UserInputError(f"--bs {args.bs} is larger than the training set ({len(train_set)} images)")
+
+    torch.manual_seed(args.seed)
+    try:
+        model = build_model(backbone, args.len, pretrained=args.pretrained).to(device)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserInputError(str(e)) from None
+    criterion = DCDHLoss(num_classes, args.len, args.sigma, args.inner_param, args.eta).to(device)
+    optimizer = build_optimizer(optimizer_name, model, criterion, args.lr)
+    config = {"backbone": backbone, "bits": args.len, "image_size": image_size, "dataset": args.dataset,
+              "num_classes": num_classes, "label_map": label_map, "sigma": args.sigma,
+              "inner_param": args.inner_param, "eta": args.eta, "lr": args.lr, "bs": args.bs,
+              "epochs": epochs, "optimizer": optimizer_name, "seed": args.seed}
+
+    start_epoch, best_loss, best_epoch = 0, math.inf, -1
+    if resume_path:
+        state = load_checkpoint(resume_path)
+        old = state.get("config") or {}
+        for key in ("backbone", "bits", "num_classes", "image_size"):
+            if old.get(key) != config[key]:
+                raise UserInputError(f"--resume {resume_path}: its {key} is {old.get(key)!r}, this run's is {config[key]!r}")
+        model.load_state_dict(state["backbone"])
+        criterion.load_state_dict(state["centers"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state.get("epoch", 0))
+        best_loss = float(state.get("best_loss", math.inf))
+        best_epoch = int(state.get("best_epoch", -1))
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+
+    log = setup_logger("dcdh_train", log_path)
+    log.info(f"[config] dataset {args.dataset} ({len(train_set)} train / {len(queries)} test images, "
+             f"{num_classes} identities), {backbone} at {image_size}x{image_size}, {args.len} bits, "
+             f"batch {args.bs}, lr {args.lr}, {optimizer_name}, {epochs} epochs, device {device}")
+    log.info(f"[config] sigma {args.sigma}, inner_param {args.inner_param}, eta {args.eta}, seed {args.seed}; "
+             f"best checkpoint -> {best_path}, log -> {log_path}")
+    if resume_path:
+        log.info(f"[resume] from {resume_path}: {start_epoch} epochs done, best loss {best_loss:.4f} "
+                 f"at epoch {best_epoch + 1}")
+
+    workers = args.workers if args.workers is not None else (0 if hasattr(train_set, "__getitems__") else 2)
+    # A last batch of one sample would break BatchNorm in training mode: drop it then.
+    drop_last = len(train_set) % args.bs == 1
+    eval_loaders = (make_loader(queries, args.bs, workers=workers), make_loader(database, args.bs, workers=workers))
+    patience = epochs // 4
+    since = time.time()
+    epoch = start_epoch
+    for epoch in range(start_epoch, epochs):
+        lr = learning_rate(args.lr, epoch, optimizer_name)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        generator = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+        loader = make_loader(train_set, args.bs, shuffle=True, drop_last=drop_last, workers=workers,
+                             generator=generator)
+        try:
+            stats = train_one_epoch(model, criterion, optimizer, loader, device, epoch)
+        except NonFiniteLoss as e:
+            log.info(f"[stopped] {e}; the last good checkpoint {best_path} is kept. "
+                     f"Try a smaller --lr.")
+            sys.exit(1)
+        improved = stats["loss"] < best_loss
+        log.info(f"[epoch {epoch + 1}/{epochs}] loss {stats['loss']:.4f} (pull {stats['pull']:.4f}, "
+                 f"push {stats['push']:.4f}, quant {stats['quant']:.4f}), lr {lr:g}, "
+                 f"{stats['images'] / stats['seconds']:.0f} images/s")
+        if improved:
+            best_loss, best_epoch = stats["loss"], epoch
+        state = {"backbone": model.state_dict(), "centers": criterion.state_dict(),
+                 "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_loss": best_loss,
+                 "best_epoch": best_epoch, "rng": torch.get_rng_state(), "config": config}
+        if improved:
+            save_checkpoint(state, best_path)
+            log.info(f"[saved] {best_path} (lowest training loss so far)")
+        save_checkpoint(state, last_path)
+        last = epoch + 1 == epochs or epoch - best_epoch > patience
+        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
+            metrics = evaluate(model, *eval_loaders, device)
+            log.info(f"[evaluate epoch {epoch + 1}] mAP {100 * metrics['map']:.2f}%, "
+                     f"tie-aware mAP {100 * metrics['map_tie_aware']:.2f}%, "
+                     f"precision@10 {100 * metrics['precision_at_10']:.2f}%")
+        if epoch - best_epoch > patience:
+            log.info(f"[early stop] no lower training loss for more than {patience} epochs; "
+                     f"stopped at epoch {epoch + 1}")
+            break
+    elapsed = time.time() - since
+    log.info(f"[done] {epoch + 1 - start_epoch} epochs in {elapsed // 60:.0f}min {elapsed % 60:.0f}s; "
+             f"best loss {best_loss:.4f} at epoch {best_epoch + 1}; model saved as {best_path}")
+    return {"best_path": best_path, "best_loss": best_loss, "best_epoch": best_epoch}
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,152 @@
+"""Evaluate a DCDH checkpoint: mAP, tie-aware mAP, precision@top-k, P/R within Hamming radius 2.
+
+    python evaluation.py --load model.tar --dataset facescrub --len 48
+
+The test split is the query set and the train split the database (DESIGN.md, retrieval
+protocol). Binary codes are sign(network output) with 0 -> -1; ranking ties are broken by
+database index. ``evaluate(...)`` returns the metrics as a dict; nothing runs at import.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from data import DATASETS, build_datasets, make_loader
+from models import BACKBONES, DEFAULT_IMAGE_SIZE, build_model, check_image_size, infer_backbone
+from utils.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
+from utils.device import resolve_device
+from utils.errors import UserInputError, exit_on_user_error
+from utils.metrics import binarize, retrieval_metrics
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(description="Evaluate a DCDH hashing model (mAP, precision@k, "
+                                "P/R within Hamming radius 2).", add_help=add_help)
+    p.add_argument("--load", required=True, help="checkpoint: a path, or a name under ./checkpoint")
+    p.add_argument("--dataset", default="facescrub", help=f"one of {{{', '.join(DATASETS)}}} (default facescrub)")
+    p.add_argument("--data-root", default=None, help="dataset folder with train/ and test/ "
+                   "(default ./FaceScrub, ./YouTube, ./vggface2)")
+    p.add_argument("--len", type=int, default=None, help="code length; checked against the checkpoint "
+                   "(default: read from the checkpoint)")
+    p.add_argument("--bs", type=int, default=256, help="batch size for encoding (default 256)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
+    p.add_argument("--backbone", default=None, choices=BACKBONES, help="override the backbone inferred from the checkpoint")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the checkpoint's)")
+    p.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 for DDH, 2 for folders)")
+    p.add_argument("--topk", type=int, nargs="+", default=[1, 5, 10], help="precision@k ranks (default 1 5 10)")
+    p.add_argument("--radius", type=int, default=2, help="Hamming radius for P/R (default 2)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON to PATH")
+    return p
+
+
+@torch.no_grad()
+def encode(model, loader, device):
+    """Binary codes of every image in ``loader``.
+
+    Returns: (codes float32 (N, K) of +-1 on ``device``, labels int64 (N,) on ``device``),
+    in the loader's order; codes = sign(h) with 0 -> -1 (DESIGN.md).
+    """
+    model.eval()
+    codes, labels = [], []
+    for images, y in loader:
+        h = model(images.to(device, non_blocking=True))
+        codes.append(binarize(h.float()))
+        labels.append(y.to(device))
+    return torch.cat(codes), torch.cat(labels)
+
+
+def evaluate(model, query_loader, database_loader, device, topk=(1, 5, 10), radius=2):
+    """Encode queries and database, then compute the retrieval metrics of ``utils.metrics``.
+
+    Returns: dict of plain values with keys ``map``, ``map_tie_aware``, ``precision_at_{k}``,
+    ``precision_radius_{r}``, ``recall_radius_{r}``, ``num_queries``, ``num_database``, ``bits``,
+    ``queries_without_relevant`` and ``curves``.
+    """
+    q_codes, q_labels = encode(model, query_loader, device)
+    db_codes, db_labels = encode(model, database_loader, device)
+    return retrieval_metrics(q_codes, db_codes, q_labels, db_labels, topk=tuple(topk), radius=radius)
+
+
+def load_hashing_model(path, device, bits=None, backbone=None):
+    """Build the network stored in checkpoint ``path`` and load its weights.
+
+    Args: path (str); device (torch.device); bits (int or None): expected code length;
+    backbone (str or None): override the inferred backbone.
+    Returns: (model in eval mode on ``device``, checkpoint dict, config dict).
+    Raises: UserInputError for an unreadable checkpoint, an unknown network, or a code
+    length that disagrees with ``bits``.
+    """
+    ckpt = load_checkpoint(path)
+    config = dict(ckpt.get("config") or {})
+    try:
+        inferred, inferred_bits = infer_backbone(ckpt["backbone"])
+    except ValueError as e:
+        raise UserInputError(f"{path}: {e}") from None
+    backbone = backbone or config.get("backbone") or inferred
+    if bits is not None and bits != inferred_bits:
+        raise UserInputError(f"--len {bits} disagrees with {path}, which holds a {inferred_bits}-bit model")
+    model = build_model(backbone, inferred_bits)
+    try:
+        model.load_state_dict(ckpt["backbone"])
+    except RuntimeError as e:
+        raise UserInputError(f"{path}: weights do not fit a {backbone} network ({str(e).splitlines()[0]})") from None
+    config.setdefault("backbone", backbone)
+    config["bits"] = inferred_bits
+    return model.to(device).eval(), ckpt, config
+
+
+def format_metrics(m, radius=2):
+    """The paper's table lines for a metrics dict (percentages, two decimals)."""
+    lines = [f"mAP: {100 * m['map']:.2f}%   (tie-aware mAP: {100 * m['map_tie_aware']:.2f}%)"]
+    for k in sorted(int(key.rsplit('_', 1)[1]) for key in m if key.startswith("precision_at_")):
+        lines.append(f"precision@top{k}: {100 * m[f'precision_at_{k}']:.2f}%")
+    lines.append(f"precision within Hamming radius {radius}: {100 * m[f'precision_radius_{radius}']:.2f}%")
+    lines.append(f"recall within Hamming radius {radius}: {100 * m[f'recall_radius_{radius}']:.2f}%")
+    lines.append(f"{m['num_queries']} queries, {m['num_database']} database items, {m['bits']} bits; "
+                 f"{m['queries_without_relevant']} queries without a relevant database item")
+    return "\n".join(lines)
+
+
+def write_json(obj, path):
+    """Atomically write ``obj`` as indented JSON to ``path``."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+@exit_on_user_error("evaluation.py")
+def main(args):
+    if args.len is not None and args.len <= 0:
+        raise UserInputError(f"--len {args.len}: the code length must be a positive integer")
+    if args.bs <= 0:
+        raise UserInputError(f"--bs {args.bs}: the batch size must be a positive integer")
+    if args.radius < 0:
+        raise UserInputError(f"--radius {args.radius}: must be >= 0")
+    if any(k <= 0 for k in args.topk):
+        raise UserInputError(f"--topk {args.topk}: ranks must be positive")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise UserInputError(f"--json {args.json}: the folder does not exist")
+    device = resolve_device(args.device)
+    path = resolve_checkpoint(args.load)
+    model, ckpt, config = load_hashing_model(path, device, bits=args.len, backbone=args.backbone)
+    image_size = args.image_size or config.get("image_size") or DEFAULT_IMAGE_SIZE[config["backbone"]]
+    try:
+        check_image_size(config["backbone"], image_size)
+    except ValueError as e:
+        raise UserInputError(str(e)) from None
+    database, queries, _ = build_datasets(args.dataset, args.data_root, image_size)
+    workers = args.workers if args.workers is not None else (0 if hasattr(database, "__getitems__") else 2)
+    db_loader = make_loader(database, args.bs, workers=workers)
+    q_loader = make_loader(queries, args.bs, workers=workers)
+    print(f"evaluating {path}: {config['backbone']}, {config['bits']} bits, on {args.dataset} "
+          f"({len(queries)} queries, {len(database)} database images) on {device}")
+    metrics = evaluate(model, q_loader, db_loader, device, topk=args.topk, radius=args.radius)
+    print(format_metrics(metrics, args.radius))
+    if args.json:
+        write_json(dict(metrics, checkpoint=path, dataset=args.dataset), args.json)
+        print(f"metrics written to {args.json}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

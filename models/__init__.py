@@ -1,0 +1,79 @@
+"""Hashing networks and the DCDH loss.
+
+``build_model(backbone, bits)`` is the one entry point the scripts use; ``infer_backbone``
+recognises a network from a checkpoint's state_dict (the authors' files carry no config).
+"""
+from .dcdh_loss import DCDHLoss
+from .dfhnet import DFHNet
+from .spherenet import STAGE_UNITS, SphereNetHashing
+from .torchvision_backbones import MIN_IMAGE_SIZE, TorchvisionHashNet
+
+BACKBONES = ("dfhnet", "spherenet20", "spherenet64", "resnet18", "resnet50", "alexnet")
+"""Backbone names accepted by ``--backbone``."""
+
+DEFAULT_IMAGE_SIZE = {"dfhnet": 32, "spherenet20": 112, "spherenet64": 112,
+                      "resnet18": 112, "resnet50": 112, "alexnet": 112}
+"""Input side in pixels each backbone is trained on by default."""
+
+
+def check_image_size(backbone, image_size):
+    """Raise ValueError when ``backbone`` cannot take square inputs of ``image_size`` pixels."""
+    if backbone == "dfhnet" and image_size != 32:
+        raise ValueError(f"--backbone dfhnet takes 32x32 inputs, got --image-size {image_size}")
+    if backbone.startswith("spherenet") and image_size != 112:
+        raise ValueError(f"--backbone {backbone} takes 112x112 inputs, got --image-size {image_size}")
+    if backbone in MIN_IMAGE_SIZE and image_size < MIN_IMAGE_SIZE[backbone]:
+        raise ValueError(f"--backbone {backbone} needs --image-size >= {MIN_IMAGE_SIZE[backbone]}, "
+                         f"got {image_size}")
+
+
+def build_model(backbone, bits, pretrained=False):
+    """Build a hashing network.
+
+    Args:
+        backbone (str): one of ``BACKBONES``.
+        bits (int): code length K > 0.
+        pretrained (bool): torchvision backbones only; ImageNet weights from the local cache.
+
+    Returns: nn.Module mapping float32 (B, 3, S, S) to float32 (B, K).
+
+    Raises: ValueError for an unknown backbone, a bad code length or ``pretrained`` on a
+    backbone without ImageNet weights; FileNotFoundError when cached weights are missing.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+    if not isinstance(bits, int) or bits <= 0:
+        raise ValueError(f"code length must be a positive integer, got {bits!r}")
+    if pretrained and backbone not in MIN_IMAGE_SIZE:
+        raise ValueError(f"--pretrained is only available for {', '.join(MIN_IMAGE_SIZE)}, not {backbone}")
+    if backbone == "dfhnet":
+        return DFHNet(bits)
+    if backbone.startswith("spherenet"):
+        return SphereNetHashing(int(backbone[len("spherenet"):]), bits)
+    return TorchvisionHashNet(backbone, bits, pretrained=pretrained)
+
+
+def infer_backbone(state_dict):
+    """Recognise the backbone and code length of a network state_dict.
+
+    Args: state_dict: mapping of parameter names to tensors (a checkpoint's ``backbone``).
+    Returns: (backbone name, bits).
+    Raises: ValueError if the names match no known network.
+    """
+    keys = set(state_dict)
+    if "hash_layer.0.weight" in keys and "spatial_features_1.0.weight" in keys:
+        return "dfhnet", int(state_dict["hash_layer.0.weight"].shape[0])
+    if "logits.weight" in keys and "layer1.0.weight" in keys:
+        units = sum(1 for k in keys if k.startswith("layer3.") and k.endswith(".conv1.weight"))
+        depth = {u[2]: d for d, u in STAGE_UNITS.items()}
+        if units not in depth:
+            raise ValueError(f"SphereNet state_dict with {units} units in stage 3 matches no known depth")
+        return f"spherenet{depth[units]}", int(state_dict["logits.weight"].shape[0])
+    if "hash_layer.0.weight" in keys and "features.fc.weight" not in keys:
+        if "features.layer4.0.conv3.weight" in keys:
+            return "resnet50", int(state_dict["hash_layer.0.weight"].shape[0])
+        if "features.layer4.0.conv1.weight" in keys:
+            return "resnet18", int(state_dict["hash_layer.0.weight"].shape[0])
+        if "features.classifier.1.weight" in keys:
+            return "alexnet", int(state_dict["hash_layer.0.weight"].shape[0])
+    raise ValueError("the checkpoint's network matches none of: " + ", ".join(BACKBONES))

@@ -1,0 +1,150 @@
+"""The DCDH objective (Zhang et al., Pattern Recognition 2021, Sec. 3, Eqs. 3-10).
+
+    L = L_pull + lambda * L_push + eta * L_quant
+
+* ``pull_loss``   — Eq. 4-5: Gaussian class-center likelihood, ``-mean log p_iy``, via log_softmax.
+* ``push_loss``   — Eq. 6-7: pairwise separation of L2-normalised centers.
+* ``quantization_loss`` — Eq. 8-10: regression from one-hot labels to binary codes
+  (W = per-class mean of sign(h), which equals pinv(Y^T Y) Y^T sign(h) for one-hot Y),
+  B = sign(Y W + eta h), ``||h - B||^2 / batch``; W and B carry no gradient.
+
+Differences from the authors' code (documented, tested in ``tests/test_dcdh_loss.py``):
+the pull term uses ``log_softmax`` instead of ``log(exp(.)/sum exp(.) + 1e-6)`` (theirs
+underflows to a constant loss with zero gradient when all distances are large); the push
+term sums only over j != k, while theirs also passes the zeroed diagonal through
+``log(1 + exp(0))``, adding the constant ``log 2 / (C - 1)``.  ``authors_push_constant=True``
+adds that constant back so printed losses compare with the authors' logs; gradients are equal.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _sign(x):
+    """sign with 0 mapped to -1 (the project's binary-code convention)."""
+    return torch.where(x > 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+def _check(codes, labels, num_classes):
+    if codes.dim() != 2:
+        raise ValueError(f"codes must have shape (B, K), got {tuple(codes.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != codes.shape[0]:
+        raise ValueError(f"labels must have shape ({codes.shape[0]},), got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}], got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def squared_distances(codes, centers):
+    """Squared Euclidean distances ``||h_i - m_c||^2``.
+
+    Args: codes float (B, K); centers float (C, K). Returns float (B, C), >= 0.
+    """
+    d = codes.pow(2).sum(1, keepdim=True) + centers.pow(2).sum(1) - 2.0 * codes @ centers.t()
+    return d.clamp_min(0.0)
+
+
+def pull_loss(codes, labels, centers, sigma):
+    """Pull term (Eq. 5): ``-mean_i log softmax_c(-sigma/2 d_ic)[y_i]``.
+
+    Args: codes float (B, K); labels int64 (B,) in [0, C); centers float (C, K); sigma float > 0.
+    Returns: scalar tensor. Differentiable w.r.t. codes and centers.
+    """
+    logits = -0.5 * sigma * squared_distances(codes, centers)
+    return F.cross_entropy(logits, labels)
+
+
+def push_loss(centers, authors_constant=False):
+    """Push term (Eq. 7): ``sum_{j!=k} log(1 + exp(K/2 <m~_j, m~_k>)) / (C (C-1))``.
+
+    Args: centers float (C, K) with C >= 2; authors_constant: add ``log 2 / (C-1)``
+    (the authors' diagonal artefact). Returns a scalar tensor.
+    Raises: ValueError if C < 2.
+    """
+    c, k = centers.shape
+    if c < 2:
+        raise ValueError(f"the push term needs at least 2 class centers, got {c}")
+    unit = F.normalize(centers, dim=1)
+    theta = 0.5 * k * unit @ unit.t()
+    off_diagonal = ~torch.eye(c, dtype=torch.bool, device=centers.device)
+    loss = F.softplus(theta[off_diagonal]).sum() / (c * (c - 1))
+    if authors_constant:
+        loss = loss + math.log(2.0) / (c - 1)
+    return loss
+
+
+@torch.no_grad()
+def regression_codes(codes, labels, num_classes, eta):
+    """Label-regression targets (Eqs. 8-9), computed without a pseudo-inverse.
+
+    ``W[c] = mean of sign(h_i) over the batch samples of class c`` (0 for classes absent
+    from the batch) — exactly ``pinv(Y^T Y) Y^T sign(h)`` for one-hot ``Y`` — and
+    ``B = sign(Y W + eta * h)`` with sign(0) = -1.
+
+    Args: codes float (B, K); labels int64 (B,) in [0, C); num_classes C; eta float.
+    Returns: (W float (C, K), B float (B, K) of +-1), both detached.
+    """
+    signs = _sign(codes)
+    sums = codes.new_zeros(num_classes, codes.shape[1]).index_add_(0, labels, signs)
+    counts = torch.bincount(labels, minlength=num_classes).to(codes.dtype).clamp_min(1.0)
+    w = sums / counts[:, None]
+    return w, _sign(w[labels] + eta * codes)
+
+
+def quantization_loss(codes, labels, num_classes, eta):
+    """Quantization term (Eq. 10): ``||h - B||^2 / batch_size`` with B from ``regression_codes``.
+
+    Args: codes float (B, K); labels int64 (B,); num_classes C; eta float. Returns a scalar tensor.
+    """
+    _, target = regression_codes(codes, labels, num_classes, eta)
+    return (codes - target).pow(2).sum() / codes.shape[0]
+
+
+class DCDHLoss(nn.Module):
+    """DCDH loss with learnable class centers (the authors' ``DualClasswiseLoss`` plus Eq. 10).
+
+    The only state is the parameter ``centers`` (C, K), initialised N(0, 1), so
+    ``state_dict()`` is the authors' checkpoint entry ``centers``.
+
+    Args:
+        num_classes (int): C >= 2.  bits (int): K >= 1.
+        sigma (float): Gaussian width (paper 0.25).  inner_param (float): lambda, push weight (0.1).
+        eta (float): quantization weight and regression mixing (0.01).
+        authors_push_constant (bool): add the authors' constant to the push term.
+
+    ``forward(codes, labels)``: codes float (B, K), labels int64 (B,) in [0, C) -> scalar total loss.
+    ``terms(codes, labels)``: dict of scalar tensors ``pull``, ``push``, ``quant``, ``total``.
+
+    Raises: ValueError on bad sizes, shapes or labels out of range (labels checked on CPU).
+    """
+
+    def __init__(self, num_classes, bits, sigma=0.25, inner_param=0.1, eta=0.01,
+                 authors_push_constant=False):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"DCDH needs at least 2 identities (classes), got {num_classes}")
+        if bits < 1:
+            raise ValueError(f"code length must be positive, got {bits}")
+        self.num_classes, self.bits = int(num_classes), int(bits)
+        self.sigma, self.inner_param, self.eta = float(sigma), float(inner_param), float(eta)
+        self.authors_push_constant = bool(authors_push_constant)
+        self.centers = nn.Parameter(torch.randn(num_classes, bits))
+
+    def terms(self, codes, labels):
+        _check(codes, labels, self.num_classes)
+        pull = pull_loss(codes, labels, self.centers, self.sigma)
+        push = push_loss(self.centers, self.authors_push_constant)
+        quant = quantization_loss(codes, labels, self.num_classes, self.eta)
+        total = pull + self.inner_param * push + self.eta * quant
+        return {"pull": pull, "push": push, "quant": quant, "total": total}
+
+    def forward(self, codes, labels):
+        return self.terms(codes, labels)["total"]
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, bits={self.bits}, sigma={self.sigma}, "
+                f"inner_param={self.inner_param}, eta={self.eta}")

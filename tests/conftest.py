@@ -1,0 +1,37 @@
+"""Shared test helpers: paths to ../shared, skips when it is absent, a tiny synthetic set."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+FIXTURES = os.path.join(SHARED, "fixtures")
+CELEBA_DDH = os.path.join(SHARED, "data", "celeba299-ddh32")
+CELEBA = os.path.join(SHARED, "data", "celeba299")
+
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+needs_fixtures = pytest.mark.skipif(
+    not os.path.isdir(FIXTURES),
+    reason=f"{FIXTURES} is absent: the authors' reference values are only in the development checkout's ../shared")
+needs_celeba_ddh = pytest.mark.skipif(
+    not os.path.isdir(CELEBA_DDH),
+    reason=f"{CELEBA_DDH} is absent: real faces are only in the development checkout's ../shared")
+
+
+def run_script(*args, cwd=None, timeout=300):
+    """Run a project script with this interpreter; returns CompletedProcess (text)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small DDH-layout set: 8 identities, 16 train + 4 test images each."""
+    from data.synthetic import write_synthetic_ddh
+    return write_synthetic_ddh(str(tmp_path_factory.mktemp("synthetic")), identities=8,
+                               train_per_id=16, test_per_id=4, seed=1)

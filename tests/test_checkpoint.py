@@ -1,0 +1,73 @@
+"""Checkpoints: atomic writes, safe loading, authors' format, clear errors."""
+import os
+
+import pytest
+import torch
+
+from conftest import FIXTURES, needs_fixtures
+from utils.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint, save_checkpoint
+from utils.errors import UserInputError
+
+
+def minimal():
+    return {"backbone": {"w": torch.ones(2)}, "centers": {"centers": torch.zeros(3, 4)}}
+
+
+def test_roundtrip_and_no_temp_left(tmp_path):
+    path = tmp_path / "m.tar"
+    save_checkpoint(dict(minimal(), config={"bits": 4, "label_map": ["a", "b"]}), str(path))
+    ck = load_checkpoint(str(path))
+    assert ck["config"]["label_map"] == ["a", "b"] and ck["centers"]["centers"].shape == (3, 4)
+    assert os.listdir(tmp_path) == ["m.tar"]
+
+
+def test_crash_while_writing_keeps_old_file(tmp_path):
+    path = tmp_path / "m.tar"
+    save_checkpoint(minimal(), str(path))
+    before = path.read_bytes()
+
+    def explode(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(path), explode)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.tar"]
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    path = tmp_path / "m.tar"
+    save_checkpoint(minimal(), str(path))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UserInputError, match="not a readable checkpoint"):
+        load_checkpoint(str(path))
+    torch.save({"model": 1}, str(path))
+    with pytest.raises(UserInputError, match="not a DCDH checkpoint"):
+        load_checkpoint(str(path))
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch ran_payload_marker",))
+
+
+def test_code_payload_is_refused_and_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(dict(minimal(), extra=Payload()), "evil.tar")
+    with pytest.raises(UserInputError, match="refused to load"):
+        load_checkpoint("evil.tar")
+    assert not os.path.exists("ran_payload_marker")
+
+
+def test_resolve_like_the_authors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("checkpoint")
+    save_checkpoint(minimal(), "checkpoint/a.tar")
+    assert resolve_checkpoint("a.tar") == os.path.join("checkpoint", "a.tar")
+    with pytest.raises(UserInputError, match="no such checkpoint"):
+        resolve_checkpoint("b.tar")
+
+
+@needs_fixtures
+def test_authors_checkpoint_loads_weights_only():
+    ck = load_checkpoint(f"{FIXTURES}/seed_format_dfhnet12.tar")
+    assert ck["centers"]["centers"].shape == (299, 12)

@@ -1,0 +1,1 @@
+"""Metrics, checkpoints, logging and small helpers shared by the scripts."""

@@ -1,0 +1,87 @@
+"""Checkpoints in the authors' format, written atomically and read safely.
+
+Format (DESIGN.md): ``torch.save`` of a dict with ``backbone`` (network state_dict) and
+``centers`` (the loss state_dict, one entry ``centers`` of shape (C, K)) — the authors'
+``dcdh_<dataset><bits>.tar`` files — plus, when written by this project, ``optimizer``,
+``epoch`` (epochs completed), ``best_loss``, ``best_epoch``, ``rng`` and ``config`` (plain
+types only: backbone, bits, image_size, dataset, num_classes, label_map, hyper-parameters).
+"""
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+
+from .errors import UserInputError
+
+DEFAULT_DIR = "checkpoint"
+"""Where the authors' scripts read and write checkpoints (``./checkpoint``)."""
+
+
+def atomic_write(path, write):
+    """Call ``write(fileobj)`` on a temporary file in ``path``'s folder, fsync, then rename.
+
+    A crash or kill at any moment leaves either the old ``path`` or the new one, never a
+    partial file. Raises OSError when the folder is not writable (the temporary file is removed).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_checkpoint(state, path):
+    """Atomically ``torch.save`` the dict ``state`` to ``path`` (see ``atomic_write``)."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def resolve_checkpoint(name, directory=DEFAULT_DIR):
+    """Find ``--load name``: a path as given, else ``directory/name`` (the authors' convention).
+
+    Raises: UserInputError naming both places when neither is a file.
+    """
+    candidates = [name] if os.path.isabs(name) else [name, os.path.join(directory, name)]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise UserInputError(f"--load {name}: no such checkpoint (looked for "
+                         + " and ".join(repr(c) for c in candidates) + ")")
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint with ``weights_only=True`` and check its layout.
+
+    Returns: the checkpoint dict (at least ``backbone`` and ``centers``).
+    Raises: UserInputError when the file is missing, truncated or corrupt, carries anything
+    other than tensors and plain values (a code payload is refused and never runs), or lacks
+    the ``backbone``/``centers`` entries.
+    """
+    if not os.path.isfile(path):
+        raise UserInputError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(f"{path}: refused to load: it holds objects other than tensors and plain "
+                             f"values ({first[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(f"{path}: not a readable checkpoint (truncated or corrupt: {first[:200]})") from None
+    if not isinstance(ckpt, dict) or "backbone" not in ckpt or "centers" not in ckpt:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserInputError(f"{path}: not a DCDH checkpoint (expected keys 'backbone' and 'centers', got {keys})")
+    centers = ckpt["centers"].get("centers") if isinstance(ckpt["centers"], dict) else None
+    if not isinstance(centers, torch.Tensor) or centers.dim() != 2:
+        raise UserInputError(f"{path}: 'centers' must hold a (C, K) tensor named 'centers'")
+    return ckpt
