@@ -7,7 +7,6 @@ The authors' flags and defaults work unchanged (``--save --len --bs --lr --sigma
 authors' format (``backbone``, ``centers``) plus optimizer, epoch and config; a second file
 ``<name>.last.tar`` holds the latest epoch so ``--resume`` can continue a killed run.
 """
-import argparse
 import math
 import os
 import sys
@@ -17,17 +16,17 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import DATASETS, build_datasets, default_backbone, make_loader, training_view
+from data import DATASETS, DDHSplit, build_datasets, default_backbone, make_loader, training_view
 from evaluation import evaluate, format_metrics
 from models import BACKBONES, DEFAULT_IMAGE_SIZE, DCDHLoss, build_model, check_image_size
 from utils.checkpoint import DEFAULT_DIR, load_checkpoint, save_checkpoint
 from utils.device import resolve_device
-from utils.errors import UserInputError, exit_on_user_error
+from utils.errors import OneLineArgumentParser, UserInputError, exit_on_user_error
 from utils.log import setup_logger
 
 
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(description="Train DCDH (Deep Center-Based Dual-Constrained Hashing).",
+    p = OneLineArgumentParser(description="Train DCDH (Deep Center-Based Dual-Constrained Hashing).",
                                 add_help=add_help)
     # the authors' flags
     p.add_argument("--dataset", default="facescrub", help=f"one of {{{', '.join(DATASETS)}}} (default facescrub)")
@@ -235,10 +234,11 @@ def main(args):
         log.info(f"[resume] from {resume_path}: {start_epoch} epochs done, best loss {best_loss:.4f} "
                  f"at epoch {best_epoch + 1}")
 
-    workers = args.workers if args.workers is not None else (0 if hasattr(train_set, "__getitems__") else 2)
+    workers = args.workers if args.workers is not None else (0 if isinstance(train_set, DDHSplit) else 2)
     # A last batch of one sample would break BatchNorm in training mode: drop it then.
     drop_last = len(train_set) % args.bs == 1
-    eval_loaders = (make_loader(queries, args.bs, workers=workers), make_loader(database, args.bs, workers=workers))
+    eval_loaders = (make_loader(queries, args.bs, workers=workers, device=device),
+                    make_loader(database, args.bs, workers=workers, device=device))
     patience = epochs // 4
     since = time.time()
     epoch = start_epoch
@@ -248,7 +248,7 @@ def main(args):
             group["lr"] = lr
         generator = torch.Generator().manual_seed(args.seed * 100003 + epoch)
         loader = make_loader(train_set, args.bs, shuffle=True, drop_last=drop_last, workers=workers,
-                             generator=generator)
+                             generator=generator, device=device)
         try:
             stats = train_one_epoch(model, criterion, optimizer, loader, device, epoch)
         except NonFiniteLoss as e:

@@ -6,23 +6,23 @@ The test split is the query set and the train split the database (DESIGN.md, ret
 protocol). Binary codes are sign(network output) with 0 -> -1; ranking ties are broken by
 database index. ``evaluate(...)`` returns the metrics as a dict; nothing runs at import.
 """
-import argparse
 import json
 import os
 import sys
 
 import torch
 
-from data import DATASETS, build_datasets, make_loader
+from data import DATASETS, DDHSplit, build_datasets, make_loader
 from models import BACKBONES, DEFAULT_IMAGE_SIZE, build_model, check_image_size, infer_backbone
 from utils.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
 from utils.device import resolve_device
-from utils.errors import UserInputError, exit_on_user_error
+from utils.errors import OneLineArgumentParser, UserInputError, exit_on_user_error
 from utils.metrics import binarize, retrieval_metrics
+from utils.plots import default_curve_ranks, write_curves
 
 
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(description="Evaluate a DCDH hashing model (mAP, precision@k, "
+    p = OneLineArgumentParser(description="Evaluate a DCDH hashing model (mAP, precision@k, "
                                 "P/R within Hamming radius 2).", add_help=add_help)
     p.add_argument("--load", required=True, help="checkpoint: a path, or a name under ./checkpoint")
     p.add_argument("--dataset", default="facescrub", help=f"one of {{{', '.join(DATASETS)}}} (default facescrub)")
@@ -37,7 +37,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 for DDH, 2 for folders)")
     p.add_argument("--topk", type=int, nargs="+", default=[1, 5, 10], help="precision@k ranks (default 1 5 10)")
     p.add_argument("--radius", type=int, default=2, help="Hamming radius for P/R (default 2)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON to PATH")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the metrics (and curves) as JSON to PATH")
+    p.add_argument("--plot-dir", default=None, metavar="DIR",
+                   help="write precision@N and PR-over-radius plots (PNG) and their CSV files to DIR")
     return p
 
 
@@ -57,8 +59,11 @@ def encode(model, loader, device):
     return torch.cat(codes), torch.cat(labels)
 
 
-def evaluate(model, query_loader, database_loader, device, topk=(1, 5, 10), radius=2):
+def evaluate(model, query_loader, database_loader, device, topk=(1, 5, 10), radius=2, curve_ranks=None):
     """Encode queries and database, then compute the retrieval metrics of ``utils.metrics``.
+
+    ``curve_ranks`` (list of int or None): ranks of the precision@N / recall@N curves
+    (default 1, 2, 5, 10, ... and the database size).
 
     Returns: dict of plain values with keys ``map``, ``map_tie_aware``, ``precision_at_{k}``,
     ``precision_radius_{r}``, ``recall_radius_{r}``, ``num_queries``, ``num_database``, ``bits``,
@@ -66,7 +71,9 @@ def evaluate(model, query_loader, database_loader, device, topk=(1, 5, 10), radi
     """
     q_codes, q_labels = encode(model, query_loader, device)
     db_codes, db_labels = encode(model, database_loader, device)
-    return retrieval_metrics(q_codes, db_codes, q_labels, db_labels, topk=tuple(topk), radius=radius)
+    ranks = sorted(set(curve_ranks or default_curve_ranks(len(db_codes))) | set(topk))
+    return retrieval_metrics(q_codes, db_codes, q_labels, db_labels, topk=tuple(topk), radius=radius,
+                             curve_ranks=[r for r in ranks if r <= len(db_codes)])
 
 
 def load_hashing_model(path, device, bits=None, backbone=None):
@@ -135,9 +142,9 @@ def main(args):
     except ValueError as e:
         raise UserInputError(str(e)) from None
     database, queries, _ = build_datasets(args.dataset, args.data_root, image_size)
-    workers = args.workers if args.workers is not None else (0 if hasattr(database, "__getitems__") else 2)
-    db_loader = make_loader(database, args.bs, workers=workers)
-    q_loader = make_loader(queries, args.bs, workers=workers)
+    workers = args.workers if args.workers is not None else (0 if isinstance(database, DDHSplit) else 2)
+    db_loader = make_loader(database, args.bs, workers=workers, device=device)
+    q_loader = make_loader(queries, args.bs, workers=workers, device=device)
     print(f"evaluating {path}: {config['backbone']}, {config['bits']} bits, on {args.dataset} "
           f"({len(queries)} queries, {len(database)} database images) on {device}")
     metrics = evaluate(model, q_loader, db_loader, device, topk=args.topk, radius=args.radius)
@@ -145,6 +152,12 @@ def main(args):
     if args.json:
         write_json(dict(metrics, checkpoint=path, dataset=args.dataset), args.json)
         print(f"metrics written to {args.json}")
+    if args.plot_dir:
+        try:
+            paths = write_curves(metrics, args.plot_dir, f"{args.dataset}, {config['bits']} bits")
+        except OSError as e:
+            raise UserInputError(f"--plot-dir {args.plot_dir}: cannot write ({e.strerror or e})") from None
+        print(f"plots and CSV files written to {args.plot_dir}: " + ", ".join(os.path.basename(p) for p in paths))
     return metrics
 
 

@@ -12,6 +12,7 @@ import torch
 from utils.errors import UserInputError
 
 from .ddh import DDHSplit
+from .device_loader import DeviceBatches
 from .folder import FaceFolder, face_transforms
 
 DATASETS = ("facescrub", "youtube", "vggface2", "ddh", "folder")
@@ -97,27 +98,21 @@ def build_datasets(name, root, image_size=None):
     return database, queries, label_map
 
 
-def _whole_batch(batch):
-    return batch
-
-
 def make_loader(dataset, batch_size, shuffle=False, drop_last=False, workers=0, generator=None,
-                sampler=None):
-    """A DataLoader over ``dataset``; in-memory datasets with ``__getitems__`` are batched by index.
+                device="cpu"):
+    """Batches of ``dataset``: in-memory DDH splits straight from a tensor on ``device``
+    (``DeviceBatches``), image folders through a torch DataLoader with ``workers`` processes.
 
-    Args: batch_size (int > 0); shuffle (bool); drop_last (bool); workers (int >= 0);
-    generator (torch.Generator or None) for the shuffle order; sampler overrides shuffle.
-    Returns: torch.utils.data.DataLoader yielding ``(images float32 (B, 3, S, S), labels int64 (B,))``.
+    Args: batch_size (int > 0); shuffle (bool); drop_last (bool); workers (int >= 0, folders
+    only); generator (torch.Generator or None) for the shuffle order; device: where DDH batches live.
+    Returns: an iterable of ``(images float32 (B, 3, S, S), labels int64 (B,))`` with ``len()``.
     """
-    kwargs = dict(batch_size=batch_size, drop_last=drop_last, num_workers=workers,
-                  generator=generator, persistent_workers=workers > 0)
-    if sampler is not None:
-        kwargs["sampler"] = sampler
-    else:
-        kwargs["shuffle"] = shuffle
-    if hasattr(dataset, "__getitems__"):
-        kwargs["collate_fn"] = _whole_batch
-    return torch.utils.data.DataLoader(dataset, **kwargs)
+    if isinstance(dataset, DDHSplit):
+        return DeviceBatches(dataset, batch_size, device, shuffle=shuffle, drop_last=drop_last,
+                             generator=generator)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                       drop_last=drop_last, num_workers=workers, generator=generator,
+                                       persistent_workers=False, pin_memory=torch.device(device).type == "cuda")
 
 
 def training_view(database):

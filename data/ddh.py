@@ -35,6 +35,8 @@ def _read_file(path):
     if data.ndim != 2 or data.shape[1] != ROW_LENGTH:
         raise UserInputError(f"{path}: image data must have shape (n, {ROW_LENGTH}) "
                              f"(3x32x32 channel-first rows), got {data.shape}")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise UserInputError(f"{path}: image data holds NaN or infinite values")
     label = label.reshape(-1) if label.ndim == 2 and 1 in label.shape else label
     if label.ndim != 1:
         raise UserInputError(f"{path}: labels must be a 1-d array, got shape {label.shape}")

@@ -6,8 +6,10 @@ Transforms are the authors' for VGGFace2 at 112x112 (resize 120, random crop 112
 flip for training; center crop for test; mean 0.5 / std 0.5), scaled to other sizes.
 """
 import os
+import sys
 
 import torchvision.datasets as tvd
+from PIL import Image
 import torchvision.transforms as T
 
 from utils.errors import UserInputError
@@ -27,6 +29,31 @@ def face_transforms(image_size, train):
     return T.Compose(steps)
 
 
+def load_rgb(path):
+    """Open an image file as RGB (greyscale, palette and RGBA are converted).
+
+    Raises: UserInputError naming the file when it cannot be decoded.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserInputError(f"{path}: unreadable image ({e})") from None
+
+
+def _readable(path):
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:  # PIL raises many types for broken files
+        return False
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 class FaceFolder(tvd.ImageFolder):
     """One split of an identity-per-folder face set.
 
@@ -39,7 +66,10 @@ class FaceFolder(tvd.ImageFolder):
     Attributes (besides ImageFolder's): ``raw_labels`` (identity folder name per image),
     ``labels`` int64 tensor of class indices (set by ``data.assign_labels``).
 
-    Raises: UserInputError naming the folder when it is missing or holds no images.
+    Unreadable or corrupt image files (PIL cannot open or verify them) are skipped with a
+    warning that lists them; identity folders without images are ignored with a warning.
+
+    Raises: UserInputError naming the folder when it is missing or holds no readable images.
     """
 
     def __init__(self, root, split, image_size, train_transform=False):
@@ -49,9 +79,21 @@ class FaceFolder(tvd.ImageFolder):
                                  f"{split}/<identity>/<images>)")
         try:
             super().__init__(folder, transform=face_transforms(image_size, train_transform),
-                             allow_empty=True)
+                             loader=load_rgb, allow_empty=True)
         except FileNotFoundError as e:
             raise UserInputError(f"{folder}: {e}") from None
+        bad = [p for p, _ in self.samples if not _readable(p)]
+        if bad:
+            shown = ", ".join(os.path.relpath(p, folder) for p in bad[:10])
+            _warn(f"{folder}: skipped {len(bad)} unreadable image file(s): {shown}"
+                  + (" ..." if len(bad) > 10 else ""))
+            bad = set(bad)
+            self.samples = [s for s in self.samples if s[0] not in bad]
+            self.imgs, self.targets = self.samples, [t for _, t in self.samples]
+        empty = sorted(set(self.classes) - {self.classes[t] for t in self.targets})
+        if empty and self.samples:
+            _warn(f"{folder}: ignored {len(empty)} identity folder(s) without images: "
+                  + ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
         if not self.samples:
             raise UserInputError(f"{folder}: no images found (expected {split}/<identity>/*.jpg|png|pgm...)")
         self.split, self.image_size = split, image_size

@@ -1,4 +1,5 @@
 """One exception type for bad user input, turned into a one-line message and exit code 2."""
+import argparse
 import functools
 import sys
 
@@ -11,6 +12,18 @@ class UserInputError(Exception):
     what was expected; the scripts print ``error: <message>`` and exit with status 2."""
 
 
+def one_line(error):
+    """The message of ``error`` on one line; for errors re-raised from a DataLoader worker
+    (whose text carries the worker's traceback) the original message, i.e. the last line."""
+    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 1 and "Traceback" in str(error):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ": ") else last
+    return " ".join(ln.strip() for ln in lines)
+
+
 def exit_on_user_error(prog):
     """Decorator for a script's ``main``: print ``<prog>: error: <msg>`` on UserInputError
     (and on KeyboardInterrupt a short note), then exit with status 2 (130 on interrupt)."""
@@ -20,10 +33,17 @@ def exit_on_user_error(prog):
             try:
                 return fn(*args, **kwargs)
             except UserInputError as e:
-                print(f"{prog}: error: {e}", file=sys.stderr)
+                print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
                 sys.exit(EXIT_USAGE)
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 sys.exit(130)
         return inner
     return wrap
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line (``prog: error: ...``), exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} -h)\n")

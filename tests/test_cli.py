@@ -1,0 +1,140 @@
+"""The two user commands end to end: train, evaluate, resume, and bad input (exit 2, one line)."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import CELEBA_DDH, FIXTURES, needs_celeba_ddh, needs_fixtures, run_script
+
+JSON_KEYS = {"map", "map_tie_aware", "precision_at_1", "precision_at_5", "precision_at_10",
+             "precision_radius_2", "recall_radius_2", "num_queries", "num_database", "bits",
+             "queries_without_relevant"}
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = run_script("dcdh_train.py", "--dataset", "ddh", "--data-root", synthetic_root, "--len", "12",
+                   "--epochs", "2", "--bs", "32", "--save", "m.tar", "--checkpoint-dir", str(out),
+                   "--eval-every", "1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_train_writes_authors_format_and_log(trained):
+    out, r = trained
+    assert sorted(os.listdir(out)) == ["m.last.tar", "m.log", "m.tar"]
+    ck = torch.load(out / "m.tar", map_location="cpu", weights_only=True)
+    assert {"backbone", "centers", "optimizer", "epoch", "config"} <= set(ck)
+    assert list(ck["centers"]) == ["centers"] and tuple(ck["centers"]["centers"].shape) == (8, 12)
+    assert ck["config"]["label_map"] == list(range(8)) and ck["config"]["backbone"] == "dfhnet"
+    last = torch.load(out / "m.last.tar", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2
+    log = (out / "m.log").read_text()
+    assert "[epoch 1/2] loss" in log and "[epoch 2/2] loss" in log and "mAP" in log
+
+
+def test_evaluate_json_and_above_chance(trained, synthetic_root, tmp_path):
+    out, _ = trained
+    js = tmp_path / "r.json"
+    r = run_script("evaluation.py", "--load", str(out / "m.tar"), "--dataset", "ddh", "--data-root",
+                   synthetic_root, "--json", str(js), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(js.read_text())
+    assert JSON_KEYS <= set(m)
+    assert (m["num_queries"], m["num_database"], m["bits"], m["queries_without_relevant"]) == (32, 128, 12, 0)
+    assert m["map"] > 1 / 8          # chance level for 8 identities
+    assert "mAP:" in r.stdout and "precision@top10" in r.stdout
+
+
+def test_resume_continues_epoch_count(trained, synthetic_root, tmp_path):
+    out, _ = trained
+    for f in ("m.tar", "m.last.tar"):
+        (tmp_path / f).write_bytes((out / f).read_bytes())
+    r = run_script("dcdh_train.py", "--dataset", "ddh", "--data-root", synthetic_root, "--len", "12",
+                   "--epochs", "3", "--bs", "32", "--save", "m.tar", "--checkpoint-dir", str(tmp_path),
+                   "--eval-every", "0", "--device", "cpu", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "[resume]" in r.stdout and "[epoch 3/3]" in r.stdout and "[epoch 1/3]" not in r.stdout
+    last = torch.load(tmp_path / "m.last.tar", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 3
+
+
+def test_last_batch_of_one_does_not_crash(synthetic_root, tmp_path):
+    # 128 training images, batch 127: the last batch would hold one image
+    r = run_script("dcdh_train.py", "--dataset", "ddh", "--data-root", synthetic_root, "--len", "8",
+                   "--epochs", "1", "--bs", "127", "--save", "one.tar", "--checkpoint-dir", str(tmp_path),
+                   "--eval-every", "0", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+
+
+def one_line_error(r, *needles):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--data-root", "/nonexistent/faces"], ["/nonexistent/faces", "no such folder"]),
+    (["--dataset", "mnist"], ["--dataset 'mnist' is unknown"]),
+    (["--len", "0"], ["--len 0"]),
+    (["--len", "-5"], ["--len -5"]),
+    (["--epochs", "0"], ["--epochs 0"]),
+    (["--bs", "100000"], ["--bs 100000", "larger than the training set"]),
+    (["--backbone", "vgg"], ["--backbone", "vgg"]),
+    (["--device", "cuda:7"], ["--device cuda:7"]),
+])
+def test_train_bad_flags(synthetic_root, tmp_path, args, needles):
+    base = {"--dataset": "ddh", "--data-root": synthetic_root, "--epochs": "1", "--len": "8", "--device": "cpu"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flat = [x for kv in base.items() for x in kv]
+    r = run_script("dcdh_train.py", *flat, "--checkpoint-dir", str(tmp_path / "ck"), "--save", "x.tar")
+    one_line_error(r, *needles)
+    assert not os.path.exists(tmp_path / "ck" / "x.tar")
+
+
+def test_unwritable_checkpoint_dir_reported_before_training(synthetic_root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = run_script("dcdh_train.py", "--dataset", "ddh", "--data-root", synthetic_root, "--epochs", "1",
+                   "--checkpoint-dir", str(blocker / "sub"), "--device", "cpu")
+    one_line_error(r, "cannot write checkpoints", str(blocker))
+
+
+def test_evaluate_bad_input(trained, synthetic_root, tmp_path):
+    out, _ = trained
+    base = ["--dataset", "ddh", "--data-root", synthetic_root, "--device", "cpu"]
+    one_line_error(run_script("evaluation.py", "--load", str(out / "m.tar"), "--len", "48", *base),
+                   "--len 48", "12-bit")
+    one_line_error(run_script("evaluation.py", "--load", str(tmp_path / "missing.tar"), *base),
+                   "missing.tar", "no such checkpoint")
+    bad = tmp_path / "trunc.tar"
+    bad.write_bytes((out / "m.tar").read_bytes()[:5000])
+    js = tmp_path / "r.json"
+    one_line_error(run_script("evaluation.py", "--load", str(bad), *base, "--json", str(js)),
+                   "trunc.tar", "truncated or corrupt")
+    assert not js.exists()
+    one_line_error(run_script("evaluation.py", "--load", str(out / "m.tar"), "--dataset", "youtube",
+                              "--data-root", str(tmp_path / "nope"), "--device", "cpu"), "no such folder")
+
+
+@needs_fixtures
+@needs_celeba_ddh
+def test_authors_checkpoint_reproduces_reference_metrics(tmp_path):
+    ref = json.load(open(f"{FIXTURES}/reference_values.json"))["seed_format_checkpoint"]
+    js = tmp_path / "r.json"
+    r = run_script("evaluation.py", "--load", f"{FIXTURES}/seed_format_dfhnet12.tar", "--dataset", "facescrub",
+                   "--data-root", CELEBA_DDH, "--len", "12", "--json", str(js), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(js.read_text())
+    assert m["map"] == pytest.approx(ref["mAP"], abs=1e-4)
+    assert m["map_tie_aware"] == pytest.approx(ref["mAP_tie_aware"], abs=1e-4)
+    for k in ("1", "5", "10"):
+        assert m[f"precision_at_{k}"] == pytest.approx(ref["precision_at_top"][k], abs=1e-4)
+    assert m["precision_radius_2"] == pytest.approx(ref["precision_hamming_radius_2"], abs=1e-4)
+    assert m["recall_radius_2"] == pytest.approx(ref["recall_hamming_radius_2"], abs=1e-4)
+    assert (m["num_queries"], m["num_database"], m["bits"]) == (1265, 4992, 12)
