@@ -7,6 +7,7 @@ The authors' flags and defaults work unchanged (``--save --len --bs --lr --sigma
 authors' format (``backbone``, ``centers``) plus optimizer, epoch and config; a second file
 ``<name>.last.tar`` holds the latest epoch so ``--resume`` can continue a killed run.
 """
+import glob
 import math
 import os
 import sys
@@ -164,7 +165,11 @@ def _output_paths(args):
     except OSError as e:
         raise UserInputError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
     stem, ext = os.path.splitext(path)
-    return path, f"{stem}.last{ext or '.tar'}", f"{stem}.log"
+    last = f"{stem}.last{ext or '.tar'}"
+    for target in (path, last):  # temporary files of a run killed while saving
+        for stale in glob.glob(os.path.join(folder, "." + glob.escape(os.path.basename(target)) + ".*.tmp")):
+            os.unlink(stale)
+    return path, last, f"{stem}.log"
 
 
 @exit_on_user_error("dcdh_train.py")
@@ -223,6 +228,11 @@ def main(args):
         best_epoch = int(state.get("best_epoch", -1))
         if "rng" in state:
             torch.set_rng_state(state["rng"])
+        if os.path.isfile(best_path) and os.path.abspath(best_path) != os.path.abspath(resume_path):
+            # a kill between saving the best and the last file leaves the best one newer
+            best_state = load_checkpoint(best_path)
+            if float(best_state.get("best_loss", math.inf)) < best_loss:
+                best_loss, best_epoch = float(best_state["best_loss"]), int(best_state["best_epoch"])
 
     log = setup_logger("dcdh_train", log_path)
     log.info(f"[config] dataset {args.dataset} ({len(train_set)} train / {len(queries)} test images, "
@@ -252,8 +262,9 @@ def main(args):
         try:
             stats = train_one_epoch(model, criterion, optimizer, loader, device, epoch)
         except NonFiniteLoss as e:
-            log.info(f"[stopped] {e}; the last good checkpoint {best_path} is kept. "
-                     f"Try a smaller --lr.")
+            kept = (f"the last good checkpoint {best_path} (epoch {best_epoch + 1}) is kept"
+                    if best_epoch >= 0 else "no checkpoint had been written yet")
+            log.info(f"[stopped] {e}; {kept}. Try a smaller --lr.")
             sys.exit(1)
         improved = stats["loss"] < best_loss
         log.info(f"[epoch {epoch + 1}/{epochs}] loss {stats['loss']:.4f} (pull {stats['pull']:.4f}, "
