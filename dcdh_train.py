@@ -22,6 +22,7 @@ from evaluation import evaluate, format_metrics
 from models import BACKBONES, DEFAULT_IMAGE_SIZE, DCDHLoss, build_model, check_image_size
 from utils.checkpoint import DEFAULT_DIR, load_checkpoint, save_checkpoint
 from utils.device import resolve_device
+from utils.distributed import (all_reduce_sum_, average_gradients_, barrier, cleanup, init_distributed)
 from utils.errors import OneLineArgumentParser, UserInputError, exit_on_user_error
 from utils.log import setup_logger
 
@@ -54,6 +55,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--optimizer", default=None, choices=("adam", "sgd"),
                    help="default adam (amsgrad, wd 1e-4, lr x0.5 every 100 epochs) for dfhnet, "
                    "sgd (momentum 0.9, wd 5e-4, lr x0.1 every 50 epochs) otherwise")
+    p.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
+                   help="bfloat16 autocast + channels_last for the network (auto: on with CUDA, off on CPU)")
     p.add_argument("--eval-every", type=int, default=10, help="print mAP every N epochs and after the last (0: never)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue a run from PATH (default: <checkpoint-dir>/<save>.last.tar)")
@@ -94,38 +97,72 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def train_one_epoch(model, criterion, optimizer, loader, device, epoch, progress=True):
+def training_step(model, criterion, optimizer, images, labels, amp=False):
+    """One optimisation step on a batch; returns the detached loss terms (dict of scalar tensors).
+
+    ``model`` may be wrapped in DistributedDataParallel; the class centers live outside it, so
+    their gradients are averaged over processes here, and the loss's ``all_reduce`` makes the
+    regression W a per-class mean over the global batch. ``amp``: bfloat16 autocast for the
+    network (the loss runs in float32).
+    """
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        codes = model(images)
+    terms = criterion.terms(codes.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    average_gradients_(criterion.parameters())
+    optimizer.step()
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def train_one_epoch(model, criterion, optimizer, loader, device, epoch, amp=False, progress=True):
     """One pass over ``loader`` minimising the DCDH loss.
 
-    Returns: dict with the sample-weighted means ``loss``, ``pull``, ``push``, ``quant`` (floats),
-    ``images`` (int) and ``seconds`` (float).
+    The loss is checked for NaN/inf after every batch on the CPU and every 25 batches on a GPU
+    (to avoid a device sync per batch); nothing is saved from inside an epoch, so a stop leaves
+    the checkpoints of the last good epoch.
+
+    Returns: dict with the sample-weighted means ``loss``, ``pull``, ``push``, ``quant`` over all
+    processes (floats), ``images`` (int, all processes) and ``seconds`` (float).
     Raises: NonFiniteLoss naming the epoch (1-based) and batch when the loss is NaN or infinite.
     """
     model.train()
     criterion.train()
-    sums = {"loss": 0.0, "pull": 0.0, "push": 0.0, "quant": 0.0}
-    seen = 0
+    keys = ("total", "pull", "push", "quant")
+    sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)
+    check_every = 1 if device.type == "cpu" else 25
+    pending = []
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None if progress else True,
                file=sys.stderr, unit="batch")
+
+    def check(batch):
+        values = torch.stack(pending)
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise NonFiniteLoss(f"the loss became {values[i].item()} at epoch {epoch + 1}, "
+                                f"batch {batch - len(pending) + i + 2}")
+        pending.clear()
+        bar.set_postfix(loss=f"{(sums[0] / sums[-1].clamp_min(1)).item():.4f}")
+
     for batch, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        terms = criterion.terms(model(images), labels)
-        loss = terms["total"]
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"the loss became {value} at epoch {epoch + 1}, batch {batch + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if amp:
+            images = images.contiguous(memory_format=torch.channels_last)
+        terms = training_step(model, criterion, optimizer, images, labels, amp)
+        pending.append(terms["total"])
         n = images.shape[0]
-        seen += n
-        sums["loss"] += value * n
-        for k in ("pull", "push", "quant"):
-            sums[k] += terms[k].item() * n
-        bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
-    out = {k: v / max(seen, 1) for k, v in sums.items()}
+        sums += torch.cat([torch.stack([terms[k] for k in keys]).double() * n,
+                           sums.new_tensor([n])])
+        if len(pending) >= check_every:
+            check(batch)
+    if pending:
+        check(batch)
+    all_reduce_sum_(sums)
+    seen = int(sums[-1].item())
+    out = {name: float(v) / max(seen, 1) for name, v in zip(("loss", "pull", "push", "quant"), sums[:-1].tolist())}
     out.update(images=seen, seconds=time.perf_counter() - start)
     return out
 
@@ -175,7 +212,17 @@ def _output_paths(args):
 @exit_on_user_error("dcdh_train.py")
 def main(args):
     _check_args(args)
-    device = resolve_device(args.device)
+    dist_info = init_distributed(resolve_device(args.device))
+    try:
+        return _train(args, dist_info)
+    finally:
+        cleanup()
+
+
+def _train(args, dist_info):
+    device, world = dist_info.device, dist_info.world_size
+    if args.bs % world:
+        raise UserInputError(f"--bs {args.bs} (the global batch) must be divisible by the {world} processes")
     best_path, last_path, log_path = _output_paths(args)
     resume_path = None
     if args.resume is not None:
@@ -200,17 +247,21 @@ def main(args):
     if args.bs > len(train_set):
         raise UserInputError(f"--bs {args.bs} is larger than the training set ({len(train_set)} images)")
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights and centers in every process
+    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
     try:
         model = build_model(backbone, args.len, pretrained=args.pretrained).to(device)
     except (ValueError, FileNotFoundError) as e:
         raise UserInputError(str(e)) from None
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
     criterion = DCDHLoss(num_classes, args.len, args.sigma, args.inner_param, args.eta).to(device)
     optimizer = build_optimizer(optimizer_name, model, criterion, args.lr)
     config = {"backbone": backbone, "bits": args.len, "image_size": image_size, "dataset": args.dataset,
               "num_classes": num_classes, "label_map": label_map, "sigma": args.sigma,
               "inner_param": args.inner_param, "eta": args.eta, "lr": args.lr, "bs": args.bs,
-              "epochs": epochs, "optimizer": optimizer_name, "seed": args.seed}
+              "epochs": epochs, "optimizer": optimizer_name, "seed": args.seed, "amp": amp,
+              "world_size": world}
 
     start_epoch, best_loss, best_epoch = 0, math.inf, -1
     if resume_path:
@@ -234,10 +285,21 @@ def main(args):
             if float(best_state.get("best_loss", math.inf)) < best_loss:
                 best_loss, best_epoch = float(best_state["best_loss"]), int(best_state["best_epoch"])
 
-    log = setup_logger("dcdh_train", log_path)
+    train_model = model
+    if dist_info.enabled:
+        criterion.all_reduce = all_reduce_sum_   # W over the global batch
+        if device.type == "cuda":
+            train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log = setup_logger("dcdh_train", log_path if dist_info.is_main else None)
+    if not dist_info.is_main:
+        log.disabled = True
     log.info(f"[config] dataset {args.dataset} ({len(train_set)} train / {len(queries)} test images, "
              f"{num_classes} identities), {backbone} at {image_size}x{image_size}, {args.len} bits, "
-             f"batch {args.bs}, lr {args.lr}, {optimizer_name}, {epochs} epochs, device {device}")
+             f"batch {args.bs}, lr {args.lr}, {optimizer_name}, {epochs} epochs, device {device}"
+             + (f" x {world} processes" if world > 1 else "") + (", bf16 autocast" if amp else ""))
     log.info(f"[config] sigma {args.sigma}, inner_param {args.inner_param}, eta {args.eta}, seed {args.seed}; "
              f"best checkpoint -> {best_path}, log -> {log_path}")
     if resume_path:
@@ -245,8 +307,13 @@ def main(args):
                  f"at epoch {best_epoch + 1}")
 
     workers = args.workers if args.workers is not None else (0 if isinstance(train_set, DDHSplit) else 2)
+    local_bs = args.bs // world
+    shard = -(-len(train_set) // world)
     # A last batch of one sample would break BatchNorm in training mode: drop it then.
-    drop_last = len(train_set) % args.bs == 1
+    drop_last = shard % local_bs == 1
+    sampler = (torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=dist_info.rank,
+                                                   shuffle=True, seed=args.seed)
+               if dist_info.enabled else None)
     eval_loaders = (make_loader(queries, args.bs, workers=workers, device=device),
                     make_loader(database, args.bs, workers=workers, device=device))
     patience = epochs // 4
@@ -257,10 +324,13 @@ def main(args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         generator = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-        loader = make_loader(train_set, args.bs, shuffle=True, drop_last=drop_last, workers=workers,
-                             generator=generator, device=device)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = make_loader(train_set, local_bs, shuffle=True, drop_last=drop_last, workers=workers,
+                             generator=generator, device=device, sampler=sampler)
         try:
-            stats = train_one_epoch(model, criterion, optimizer, loader, device, epoch)
+            stats = train_one_epoch(train_model, criterion, optimizer, loader, device, epoch, amp=amp,
+                                    progress=dist_info.is_main)
         except NonFiniteLoss as e:
             kept = (f"the last good checkpoint {best_path} (epoch {best_epoch + 1}) is kept"
                     if best_epoch >= 0 else "no checkpoint had been written yet")
@@ -275,16 +345,19 @@ def main(args):
         state = {"backbone": model.state_dict(), "centers": criterion.state_dict(),
                  "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best_loss": best_loss,
                  "best_epoch": best_epoch, "rng": torch.get_rng_state(), "config": config}
-        if improved:
-            save_checkpoint(state, best_path)
-            log.info(f"[saved] {best_path} (lowest training loss so far)")
-        save_checkpoint(state, last_path)
+        if dist_info.is_main:  # one process writes; the others wait at the barrier below
+            if improved:
+                save_checkpoint(state, best_path)
+                log.info(f"[saved] {best_path} (lowest training loss so far)")
+            save_checkpoint(state, last_path)
         last = epoch + 1 == epochs or epoch - best_epoch > patience
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
+        if dist_info.is_main and args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
+            # the whole, unpadded query and database sets, in this process alone
             metrics = evaluate(model, *eval_loaders, device)
             log.info(f"[evaluate epoch {epoch + 1}] mAP {100 * metrics['map']:.2f}%, "
                      f"tie-aware mAP {100 * metrics['map_tie_aware']:.2f}%, "
                      f"precision@10 {100 * metrics['precision_at_10']:.2f}%")
+        barrier()
         if epoch - best_epoch > patience:
             log.info(f"[early stop] no lower training loss for more than {patience} epochs; "
                      f"stopped at epoch {epoch + 1}")

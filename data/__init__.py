@@ -99,18 +99,23 @@ def build_datasets(name, root, image_size=None):
 
 
 def make_loader(dataset, batch_size, shuffle=False, drop_last=False, workers=0, generator=None,
-                device="cpu"):
+                device="cpu", sampler=None):
     """Batches of ``dataset``: in-memory DDH splits straight from a tensor on ``device``
     (``DeviceBatches``), image folders through a torch DataLoader with ``workers`` processes.
 
     Args: batch_size (int > 0); shuffle (bool); drop_last (bool); workers (int >= 0, folders
-    only); generator (torch.Generator or None) for the shuffle order; device: where DDH batches live.
+    only); generator (torch.Generator or None) for the shuffle order; device: where DDH batches live;
+    sampler: a (Distributed)Sampler giving this process's indices (replaces ``shuffle``).
     Returns: an iterable of ``(images float32 (B, 3, S, S), labels int64 (B,))`` with ``len()``.
     """
     if isinstance(dataset, DDHSplit):
+        if sampler is not None:
+            return DeviceBatches(dataset, batch_size, device, drop_last=drop_last,
+                                 indices=torch.as_tensor(list(sampler), dtype=torch.long))
         return DeviceBatches(dataset, batch_size, device, shuffle=shuffle, drop_last=drop_last,
                              generator=generator)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler,
                                        drop_last=drop_last, num_workers=workers, generator=generator,
                                        persistent_workers=False, pin_memory=torch.device(device).type == "cuda")
 

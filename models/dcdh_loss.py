@@ -78,29 +78,35 @@ def push_loss(centers, authors_constant=False):
 
 
 @torch.no_grad()
-def regression_codes(codes, labels, num_classes, eta):
+def regression_codes(codes, labels, num_classes, eta, all_reduce=None):
     """Label-regression targets (Eqs. 8-9), computed without a pseudo-inverse.
 
     ``W[c] = mean of sign(h_i) over the batch samples of class c`` (0 for classes absent
     from the batch) — exactly ``pinv(Y^T Y) Y^T sign(h)`` for one-hot ``Y`` — and
     ``B = sign(Y W + eta * h)`` with sign(0) = -1.
 
-    Args: codes float (B, K); labels int64 (B,) in [0, C); num_classes C; eta float.
+    Args: codes float (B, K); labels int64 (B,) in [0, C); num_classes C; eta float;
+    all_reduce: None, or a function summing a tensor in place over the processes of a
+    distributed run, so that W is the per-class mean over the whole global batch.
     Returns: (W float (C, K), B float (B, K) of +-1), both detached.
     """
     signs = _sign(codes)
     sums = codes.new_zeros(num_classes, codes.shape[1]).index_add_(0, labels, signs)
-    counts = torch.bincount(labels, minlength=num_classes).to(codes.dtype).clamp_min(1.0)
-    w = sums / counts[:, None]
+    counts = torch.bincount(labels, minlength=num_classes).to(codes.dtype)
+    if all_reduce is not None:
+        all_reduce(sums)
+        all_reduce(counts)
+    w = sums / counts.clamp_min(1.0)[:, None]
     return w, _sign(w[labels] + eta * codes)
 
 
-def quantization_loss(codes, labels, num_classes, eta):
+def quantization_loss(codes, labels, num_classes, eta, all_reduce=None):
     """Quantization term (Eq. 10): ``||h - B||^2 / batch_size`` with B from ``regression_codes``.
 
-    Args: codes float (B, K); labels int64 (B,); num_classes C; eta float. Returns a scalar tensor.
+    Args: codes float (B, K); labels int64 (B,); num_classes C; eta float; all_reduce: see
+    ``regression_codes``. Returns a scalar tensor.
     """
-    _, target = regression_codes(codes, labels, num_classes, eta)
+    _, target = regression_codes(codes, labels, num_classes, eta, all_reduce)
     return (codes - target).pow(2).sum() / codes.shape[0]
 
 
@@ -119,6 +125,9 @@ class DCDHLoss(nn.Module):
     ``forward(codes, labels)``: codes float (B, K), labels int64 (B,) in [0, C) -> scalar total loss.
     ``terms(codes, labels)``: dict of scalar tensors ``pull``, ``push``, ``quant``, ``total``.
 
+    ``all_reduce`` (attribute, default None): in a distributed run, a function summing a tensor
+    in place across processes; the regression W is then computed over the global batch.
+
     Raises: ValueError on bad sizes, shapes or labels out of range (labels checked on CPU).
     """
 
@@ -133,12 +142,13 @@ class DCDHLoss(nn.Module):
         self.sigma, self.inner_param, self.eta = float(sigma), float(inner_param), float(eta)
         self.authors_push_constant = bool(authors_push_constant)
         self.centers = nn.Parameter(torch.randn(num_classes, bits))
+        self.all_reduce = None  # set by a distributed trainer: W over the global batch
 
     def terms(self, codes, labels):
         _check(codes, labels, self.num_classes)
         pull = pull_loss(codes, labels, self.centers, self.sigma)
         push = push_loss(self.centers, self.authors_push_constant)
-        quant = quantization_loss(codes, labels, self.num_classes, self.eta)
+        quant = quantization_loss(codes, labels, self.num_classes, self.eta, self.all_reduce)
         total = pull + self.inner_param * push + self.eta * quant
         return {"pull": pull, "push": push, "quant": quant, "total": total}
 

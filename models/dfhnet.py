@@ -60,6 +60,7 @@ class DFHNet(nn.Module):
         self.bn2 = nn.BatchNorm2d(32)
         self.upscales_3 = _deconv_relu(32, 16)
         self.bn3 = nn.BatchNorm2d(16)  # present in the authors' model (and checkpoints), unused in forward
+        self.bn3.requires_grad_(False)  # never gets a gradient (so DDP need not search for unused ones)
         self.upscales_4 = nn.Sequential(nn.Conv2d(16, 3, 1))
         # trunk branch
         self.attention_conv1 = _conv_bn_relu(3, 32, 3, 1, 1)

@@ -1,0 +1,602 @@
+"""Face search with a DCDH checkpoint: encode a gallery into a faiss binary index, then query it.
+
+    python search.py index --load model.tar --gallery ./faces --out faces.index
+    python search.py query --index faces.index q1.jpg q2.jpg --topk 10 --sheet sheet.png
+    python search.py query --index faces.index q1.jpg --radius 2 --json hits.json
+
+``index`` encodes every gallery image with the checkpoint's network (binary code b = sign(h),
+0 -> -1, as in ``evaluation.encode``), packs the bits (bit = b > 0) with ``np.packbits`` in
+little bit order into bytes, and stores them in a ``faiss.IndexBinaryFlat`` of
+d = 8 * ceil(K / 8) bits. Code lengths that are not multiples of 8 (12, 36) are padded with
+zero bits in every code, so padded positions never differ and the faiss Hamming distance
+equals the unpacked ``(K - <q, b>) / 2`` (DESIGN.md).
+
+The index folder holds ``index.bin`` (``faiss.write_index_binary``) and ``meta.json``
+(code length, backbone, image size, checkpoint path, transform, and per gallery item its
+identity and path; DDH rows are named ``file.pkl#row``). It is written in a temporary
+folder beside it and renamed into place, so an interrupted run leaves nothing half-written.
+
+Ranking is by ascending Hamming distance with ties in gallery order (DESIGN.md). faiss's
+binary k-NN search does not order equal distances stably, so ``rank_topk`` uses it only to
+find the k-th smallest distance d_k, then ``range_search`` collects every item with distance
+<= d_k and those are sorted by (distance, gallery index) and cut at k. This is exact for any
+gallery size; ``rank_within`` does the same for ``--radius``.
+
+Nothing runs at import; ``main(args)`` is the entry point.
+"""
+import glob
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image
+
+from data import DDH_LAYOUT, make_loader
+from data.ddh import DDHSplit
+from data.folder import FaceFolder, face_transforms, load_rgb
+from data.safe_pickle import load_arrays
+from evaluation import encode, load_hashing_model
+from models import DEFAULT_IMAGE_SIZE, check_image_size
+from utils.checkpoint import atomic_write, resolve_checkpoint
+from utils.device import resolve_device
+from utils.errors import OneLineArgumentParser, UserInputError, exit_on_user_error
+
+INDEX_FILE = "index.bin"
+META_FILE = "meta.json"
+FORMAT = "dcdh-search-index"
+FORMAT_VERSION = 1
+BIT_ORDER = "little"
+"""``np.packbits`` bit order of the stored codes (used for the gallery and the queries alike)."""
+
+GALLERY_KINDS = ("folder", "ddh", "vggface2", "facescrub", "youtube")
+"""Values of ``--dataset`` for ``index``: image folders (folder, vggface2) or DDH pickles."""
+
+DEFAULT_TOPK = 10
+
+
+def get_args_parser(add_help=True):
+    p = OneLineArgumentParser(description="Face search with a DCDH model: build a faiss binary index of a "
+                                "gallery, then rank it for query images by Hamming distance.", add_help=add_help)
+    sub = p.add_subparsers(dest="command", metavar="{index,query}")
+    sub.required = True
+
+    ix = sub.add_parser("index", help="encode a gallery into a binary index folder")
+    ix.add_argument("--load", required=True, help="checkpoint: a path, or a name under ./checkpoint")
+    ix.add_argument("--gallery", required=True, help="image folder (ROOT with <split>/<identity>/*, or a folder "
+                    "of identity subfolders) or DDH-layout folder (ROOT/<split>/*.pkl)")
+    ix.add_argument("--dataset", default=None, choices=GALLERY_KINDS,
+                    help="gallery layout (default: ddh when <gallery>/<split>/*.pkl exist, else folder)")
+    ix.add_argument("--split", default="train", help="split folder inside --gallery (default train; "
+                    "an image folder without it is read as a flat folder of identities)")
+    ix.add_argument("--out", required=True, help="index folder to write (replaced if it is an existing index)")
+    ix.add_argument("--bs", type=int, default=256, help="batch size for encoding (default 256)")
+    ix.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
+    ix.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the checkpoint's)")
+    ix.add_argument("--workers", type=int, default=None,
+                    help="data-loading processes (default 0 for DDH, 2 for folders)")
+
+    q = sub.add_parser("query", help="rank the gallery of an index for query images")
+    q.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
+    q.add_argument("--index", required=True, help="index folder written by 'search.py index'")
+    q.add_argument("--load", default=None, help="checkpoint (default: the one recorded in the index)")
+    q.add_argument("--topk", type=int, default=None, help=f"results per query (default {DEFAULT_TOPK}); "
+                   "with --radius, an optional cap")
+    q.add_argument("--radius", type=int, default=None, help="return every item within this Hamming distance")
+    q.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    q.add_argument("--sheet", default=None, metavar="PNG", help="write a contact sheet (one row per query)")
+    q.add_argument("--bs", type=int, default=256, help="batch size for encoding (default 256)")
+    q.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# codes, index, ranking
+
+
+def pack_codes(codes):
+    """Pack binary codes into bytes for a faiss binary index.
+
+    Args: codes: (N, K) tensor or array of +-1 codes (or of real outputs: bit = value > 0).
+    Returns: uint8 numpy array (N, ceil(K / 8)), C-contiguous; bit j of a code is bit j % 8
+    (little order) of byte j // 8; the 8 * ceil(K / 8) - K padding bits are 0 in every code.
+    Raises: ValueError if ``codes`` is not 2-d.
+    """
+    if isinstance(codes, torch.Tensor):
+        codes = codes.detach().cpu().numpy()
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be a 2-d (N, K) array, got shape {codes.shape}")
+    return np.ascontiguousarray(np.packbits(codes > 0, axis=1, bitorder=BIT_ORDER))
+
+
+def build_index(packed):
+    """A ``faiss.IndexBinaryFlat`` holding ``packed`` (uint8 (N, B) from ``pack_codes``); d = 8 * B bits."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    index = faiss.IndexBinaryFlat(packed.shape[1] * 8)
+    if len(packed):
+        index.add(packed)
+    return index
+
+
+def _stable(ids, dists):
+    order = np.lexsort((ids, dists))  # by distance, then by gallery index
+    return ids[order].astype(np.int64), dists[order].astype(np.int64)
+
+
+def _within(index, q, limit):
+    """Every item at distance < ``limit`` from the single packed query ``q`` (1, B), stably sorted."""
+    lims, d, i = index.range_search(np.ascontiguousarray(q), int(limit))
+    return _stable(np.asarray(i[lims[0]:lims[1]]), np.rint(np.asarray(d[lims[0]:lims[1]])))
+
+
+def rank_topk(index, packed_queries, k):
+    """The k nearest gallery items of each query, ties in gallery order.
+
+    Args: index: faiss binary index; packed_queries: uint8 (Q, B); k (int > 0), clamped to the
+    gallery size.
+    Returns: list of Q pairs ``(ids int64 (k,), distances int64 (k,))``, ascending distance,
+    equal distances by ascending gallery index. faiss k-NN gives the k-th distance d_k; a
+    range search then returns all items with distance <= d_k, which are sorted by
+    (distance, index) and cut at k, so the order among ties is exactly the database order.
+    Raises: ValueError if k <= 0.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    packed_queries = np.ascontiguousarray(packed_queries, dtype=np.uint8)
+    k = min(k, index.ntotal)
+    if k == 0:
+        return [(np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in range(len(packed_queries))]
+    kth = index.search(packed_queries, k)[0][:, k - 1]
+    out = []
+    for qi in range(len(packed_queries)):
+        ids, dists = _within(index, packed_queries[qi:qi + 1], int(kth[qi]) + 1)
+        out.append((ids[:k], dists[:k]))
+    return out
+
+
+def rank_within(index, packed_queries, radius, limit=None):
+    """Every gallery item within Hamming distance ``radius`` (inclusive) of each query.
+
+    Args: index: faiss binary index; packed_queries: uint8 (Q, B); radius (int >= 0);
+    limit (int or None): keep at most this many per query.
+    Returns: list of Q pairs ``(ids int64 (n_q,), distances int64 (n_q,))`` sorted by
+    (distance, gallery index). Uses faiss ``range_search`` (strict ``< radius + 1``).
+    Raises: ValueError if radius < 0.
+    """
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    packed_queries = np.ascontiguousarray(packed_queries, dtype=np.uint8)
+    out = []
+    for qi in range(len(packed_queries)):
+        ids, dists = _within(index, packed_queries[qi:qi + 1], radius + 1)
+        out.append((ids[:limit], dists[:limit]) if limit is not None else (ids, dists))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# gallery
+
+
+def detect_layout(gallery, split, dataset=None):
+    """``'ddh'`` or ``'folder'`` for ``--dataset`` (None: ddh when ``gallery/split/*.pkl`` exist).
+
+    Raises: UserInputError if ``gallery`` is not a folder.
+    """
+    if not os.path.isdir(gallery):
+        raise UserInputError(f"--gallery {gallery}: no such folder")
+    if dataset is None:
+        return "ddh" if glob.glob(os.path.join(gallery, split, "*.pkl")) else "folder"
+    return "ddh" if dataset in DDH_LAYOUT else "folder"
+
+
+def _ddh_names(root):
+    """``classes.txt`` of a DDH-layout folder (lines ``label name``) as a dict, or None."""
+    path = os.path.join(root, "classes.txt")
+    if not os.path.isfile(path):
+        return None
+    names = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            parts = line.split(None, 1)
+            if len(parts) == 2 and parts[0].lstrip("-").isdigit():
+                names[int(parts[0])] = parts[1].strip()
+    return names or None
+
+
+def _ddh_file_lengths(ds):
+    if getattr(ds, "file_lengths", None) is not None:
+        return list(ds.file_lengths)
+    from data.ddh import _read_file  # DDHSplit does not keep per-file row counts
+    return [len(_read_file(f)[1]) for f in ds.files]
+
+
+def load_gallery(gallery, layout, split, image_size):
+    """The gallery dataset with one identity and one path per item, in gallery order.
+
+    Args: gallery (str): folder; layout: 'ddh' or 'folder' (``detect_layout``); split (str);
+    image_size (int): network input side (image folders; DDH galleries are 32x32).
+    Returns: (dataset yielding ``(float32 (3, S, S), label)``, identities list of str,
+    paths list of str (absolute; DDH rows as ``/abs/file.pkl#row``), info dict for the metadata:
+    ``layout``, ``split`` (None for a flat folder) and ``transform``).
+    Image files that PIL cannot open are left out with a warning (``FaceFolder``).
+    Raises: UserInputError naming the folder when it is missing, empty or malformed.
+    """
+    if layout == "ddh":
+        if image_size != 32:
+            raise UserInputError(f"--image-size {image_size}: DDH-layout galleries are 32x32")
+        ds = DDHSplit(gallery, split)
+        names = _ddh_names(gallery)
+        raw = ds.raw_labels.tolist()
+        identities = [names.get(int(y), str(y)) if names else str(y) for y in raw]
+        paths = []
+        for f, n in zip(ds.files, _ddh_file_lengths(ds)):
+            paths += [f"{os.path.abspath(f)}#{r}" for r in range(n)]
+        transform = {"kind": "ddh", "mean": float(ds.mean), "std": float(ds.std)}
+        return ds, identities, paths, {"layout": "ddh", "split": split, "transform": transform}
+    root, sub, flat = gallery, split, not os.path.isdir(os.path.join(gallery, split))
+    if flat and any(os.path.isdir(os.path.join(gallery, s)) for s in ("train", "test")):
+        raise UserInputError(f"--split {split}: {os.path.join(gallery, split)} does not exist")
+    if flat:  # a folder of identity subfolders: read it as the split "<name>" of its parent
+        norm = os.path.normpath(os.path.abspath(gallery))
+        root, sub = os.path.dirname(norm), os.path.basename(norm)
+    ds = FaceFolder(root, sub, image_size)  # skips (with a warning) files PIL cannot open
+    paths = [os.path.abspath(p) for p, _ in ds.samples]
+    identities = [str(c) for c in ds.raw_labels]
+    info = {"layout": "folder", "split": None if flat else split,
+            "transform": {"kind": "face_test", "image_size": image_size}}
+    return ds, identities, paths, info
+
+
+def encode_packed(model, loader, device):
+    """Packed binary codes (uint8 (N, ceil(K/8)), see ``pack_codes``) of every image of ``loader``.
+
+    Raises: UserInputError naming a file that cannot be decoded (``data.folder.load_rgb``).
+    """
+    codes, _ = encode(model, loader, device)
+    return pack_codes(codes)
+
+
+# --------------------------------------------------------------------------------------------
+# index folder
+
+
+def write_index_dir(out, index, meta):
+    """Write ``index.bin`` and ``meta.json`` into a temporary folder beside ``out``, then rename it.
+
+    An existing index folder at ``out`` is replaced (moved aside, then removed once the new one
+    is in place). Raises UserInputError when ``out`` exists and is not an index folder, or its
+    parent folder does not exist; on any error the temporary folder is removed.
+    """
+    check_out_dir(out)
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=parent)
+    old = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it a normal folder's mode
+        faiss.write_index_binary(index, os.path.join(tmp, INDEX_FILE))
+        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(out):
+            old = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".old", dir=parent)
+            os.rename(out, os.path.join(old, "x"))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.exists(out) and os.path.isdir(os.path.join(old, "x")):
+            os.rename(os.path.join(old, "x"), out)  # put the previous index back
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_dir(out):
+    """Raise UserInputError unless ``out`` can be (re)written as an index folder."""
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise UserInputError(f"--out {out}: the folder {parent} does not exist")
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UserInputError(f"--out {out}: exists and is not a folder")
+        if os.listdir(out) and not os.path.isfile(os.path.join(out, META_FILE)):
+            raise UserInputError(f"--out {out}: exists and is not a search index (refusing to replace it)")
+
+
+def read_index_dir(path):
+    """Load an index folder. Returns (faiss binary index, metadata dict).
+
+    Raises: UserInputError when the folder or its files are missing, unreadable or inconsistent.
+    """
+    if not os.path.isdir(path):
+        raise UserInputError(f"--index {path}: no such index folder (make one with 'search.py index')")
+    meta_path, index_path = os.path.join(path, META_FILE), os.path.join(path, INDEX_FILE)
+    for p in (meta_path, index_path):
+        if not os.path.isfile(p):
+            raise UserInputError(f"--index {path}: {os.path.basename(p)} is missing (not a search index)")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"{meta_path}: unreadable metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserInputError(f"{meta_path}: not a search-index metadata file")
+    missing = [k for k in ("bits", "backbone", "image_size", "transform", "identities", "paths") if k not in meta]
+    if missing:
+        raise UserInputError(f"{meta_path}: incomplete metadata (no {', '.join(missing)})")
+    try:
+        index = faiss.read_index_binary(index_path)
+    except RuntimeError as e:
+        raise UserInputError(f"{index_path}: unreadable faiss index ({str(e).strip().splitlines()[0][:200]})") from None
+    n, bits = len(meta.get("identities", [])), int(meta.get("bits", 0))
+    if index.ntotal != n or len(meta.get("paths", [])) != n or index.d != 8 * ((bits + 7) // 8):
+        raise UserInputError(f"--index {path}: {INDEX_FILE} ({index.ntotal} codes of {index.d} bits) does not "
+                             f"match {META_FILE} ({n} items, {bits} bits)")
+    return index, meta
+
+
+# --------------------------------------------------------------------------------------------
+# queries
+
+
+def open_image(path, flag="image"):
+    """Open ``path`` as an RGB PIL image (``data.folder.load_rgb``).
+
+    Raises: UserInputError naming the file when it is missing, a folder, or not decodable.
+    """
+    if os.path.isdir(path):
+        raise UserInputError(f"{flag} {path}: is a folder, not an image file")
+    if not os.path.isfile(path):
+        raise UserInputError(f"{flag} {path}: no such file")
+    return load_rgb(path)
+
+
+def query_transform(meta):
+    """The gallery's test transform from index metadata: PIL RGB image -> float32 (3, S, S).
+
+    Image folders: ``face_transforms(S, train=False)``. DDH galleries: resize to 32x32
+    (bicubic), then the gallery split's normalisation ``clip((x - mean) / (std + 1e-5) * 0.1, -1, 1)``
+    on 0..255 values (as ``DDHSplit.normalize``).
+    """
+    t = meta["transform"]
+    if t["kind"] == "ddh":
+        mean, scale = float(t["mean"]), 0.1 / (float(t["std"]) + 1e-5)
+
+        def ddh(img):
+            x = torch.from_numpy(np.asarray(img.resize((32, 32), Image.BICUBIC), dtype=np.float32).copy())
+            return ((x.permute(2, 0, 1) - mean) * scale).clamp_(-1.0, 1.0)
+        return ddh
+    return face_transforms(int(t["image_size"]), train=False)
+
+
+def query_identity(path, known):
+    """The identity of a query image: its parent folder's name when that is a gallery identity, else None."""
+    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return name if name in known else None
+
+
+def _batches(tensors, bs):
+    for i in range(0, len(tensors), bs):
+        chunk = torch.stack(tensors[i:i + bs])
+        yield chunk, torch.zeros(len(chunk), dtype=torch.long)
+
+
+def load_query_model(meta, load, device, index_path):
+    """The hashing network for querying an index: ``load`` or the checkpoint in ``meta``.
+
+    Raises: UserInputError when the checkpoint is missing or its code length differs from the index's.
+    """
+    if load is not None:
+        path = resolve_checkpoint(load)
+    else:
+        path = meta.get("checkpoint")
+        if not path or not os.path.isfile(path):
+            raise UserInputError(f"--index {index_path}: the checkpoint it was built with ({path}) is missing; "
+                                 "pass --load CHECKPOINT")
+    model, _, config = load_hashing_model(path, device)
+    if config["bits"] != meta["bits"]:
+        raise UserInputError(f"{path} holds a {config['bits']}-bit model but --index {index_path} was built "
+                             f"with {meta['bits']}-bit codes")
+    try:
+        check_image_size(config["backbone"], meta["image_size"])
+    except ValueError as e:
+        raise UserInputError(f"{path} cannot encode the {meta['image_size']}x{meta['image_size']} inputs of "
+                             f"--index {index_path} ({e})") from None
+    if config["backbone"] != meta["backbone"]:
+        print(f"search.py: warning: {path} is a {config['backbone']} network, the index was built with "
+              f"{meta.get('backbone')}", file=sys.stderr)
+    return model, path
+
+
+def search(meta, index, packed_queries, topk=None, radius=None):
+    """Rank the gallery for packed queries; returns per query a list of result dicts.
+
+    Each result: ``rank`` (1-based), ``distance`` (int), ``index`` (gallery position),
+    ``identity`` (str), ``path`` (str). ``radius`` None: the ``topk`` (default 10) nearest;
+    else every item within ``radius``, at most ``topk`` when given.
+    """
+    if radius is None:
+        ranked = rank_topk(index, packed_queries, topk or DEFAULT_TOPK)
+    else:
+        ranked = rank_within(index, packed_queries, radius, limit=topk)
+    out = []
+    for ids, dists in ranked:
+        out.append([{"rank": r + 1, "distance": int(d), "index": int(i), "identity": meta["identities"][i],
+                     "path": meta["paths"][i]} for r, (i, d) in enumerate(zip(ids.tolist(), dists.tolist()))])
+    return out
+
+
+def format_results(queries):
+    """Plain-text table of query results (list of dicts with ``image``, ``identity``, ``results``)."""
+    lines = []
+    for n, q in enumerate(queries, 1):
+        who = f"identity {q['identity']}" if q["identity"] is not None else "identity unknown"
+        lines.append(f"query {n}/{len(queries)}: {q['image']} ({who}), {len(q['results'])} results")
+        lines.append(f"  {'rank':>4}  {'dist':>4}  {'identity':<12}  path")
+        for r in q["results"]:
+            mark = " *" if q["identity"] is not None and r["identity"] == q["identity"] else ""
+            lines.append(f"  {r['rank']:>4}  {r['distance']:>4}  {r['identity']:<12}  {r['path']}{mark}")
+    known = [q for q in queries if q["identity"] is not None]
+    if known:
+        top1 = sum(1 for q in known if q["results"] and q["results"][0]["identity"] == q["identity"])
+        anyk = sum(1 for q in known if any(r["identity"] == q["identity"] for r in q["results"]))
+        lines.append(f"(* = same identity as the query) query identity ranked first for {top1}/{len(known)} "
+                     f"queries, among the listed results for {anyk}/{len(known)}")
+    return "\n".join(lines)
+
+
+def _gallery_image(path, cache):
+    """An RGB uint8 (H, W, 3) array for a gallery path (an image file or ``file.pkl#row``)."""
+    if "#" in path and path.rsplit("#", 1)[0].endswith(".pkl"):
+        file, row = path.rsplit("#", 1)
+        if file not in cache:
+            cache[file] = np.asarray(load_arrays(file)[0])
+        x = cache[file][int(row)].reshape(3, 32, 32).transpose(1, 2, 0)
+        if x.dtype != np.uint8:
+            x = np.clip((x - x.min()) / max(float(x.max() - x.min()), 1e-12) * 255, 0, 255).astype(np.uint8)
+        return x
+    try:
+        return np.asarray(open_image(path, flag="gallery image"))
+    except UserInputError:
+        return np.full((32, 32, 3), 128, np.uint8)  # moved or deleted since indexing
+
+
+def write_sheet(queries, path, max_results=None):
+    """Write a PNG contact sheet: one row per query, the query image then its results.
+
+    Results are titled with identity and distance; green title and border when the identity
+    equals the query's (known from its parent folder), neutral otherwise. At most
+    ``max_results`` (default: all) results per row. Written atomically.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend or window state
+    cols = 1 + max([len(q["results"][:max_results]) for q in queries] + [1])
+    fig = Figure(figsize=(1.5 * cols, 1.8 * len(queries)))
+    cache = {}
+    axes = fig.subplots(len(queries), cols, squeeze=False)
+    for row, q in zip(axes, queries):
+        for ax in row:
+            ax.axis("off")
+        row[0].imshow(np.asarray(open_image(q["image"])))
+        row[0].set_title(f"query\n{q['identity'] if q['identity'] is not None else os.path.basename(q['image'])}",
+                         fontsize=8, fontweight="bold")
+        shown = q["results"][:max_results]
+        for ax, r in zip(row[1:], shown):
+            ax.imshow(_gallery_image(r["path"], cache))
+            same = q["identity"] is not None and r["identity"] == q["identity"]
+            color = "green" if same else "black"
+            ax.set_title(f"{r['identity']}\nd={r['distance']}", fontsize=8, color=color)
+            if same:
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for s in ax.spines.values():
+                    s.set_edgecolor("green")
+                    s.set_linewidth(3)
+        if len(q["results"]) > len(shown):
+            row[-1].text(1.02, 0.5, f"+{len(q['results']) - len(shown)}", transform=row[-1].transAxes, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+def _check_positive(flag, value):
+    if value is not None and value <= 0:
+        raise UserInputError(f"{flag} {value}: must be a positive integer")
+
+
+def _check_out_file(flag, path):
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserInputError(f"{flag} {path}: the folder does not exist")
+
+
+def cmd_index(args):
+    """``search.py index``: encode the gallery and write the index folder. Returns the metadata dict."""
+    _check_positive("--bs", args.bs)
+    _check_positive("--image-size", args.image_size)
+    if args.workers is not None and args.workers < 0:
+        raise UserInputError(f"--workers {args.workers}: must be >= 0")
+    layout = detect_layout(args.gallery, args.split, args.dataset)
+    check_out_dir(args.out)
+    device = resolve_device(args.device)
+    path = resolve_checkpoint(args.load)
+    model, _, config = load_hashing_model(path, device)
+    backbone = config["backbone"]
+    image_size = args.image_size or config.get("image_size") or DEFAULT_IMAGE_SIZE[backbone]
+    try:
+        check_image_size(backbone, image_size)
+    except ValueError as e:
+        raise UserInputError(str(e)) from None
+    ds, identities, paths, info = load_gallery(args.gallery, layout, args.split, image_size)
+    workers = args.workers if args.workers is not None else (0 if layout == "ddh" else 2)
+    print(f"indexing {len(ds)} gallery items of {args.gallery} ({info['layout']}) with {path}: "
+          f"{backbone}, {config['bits']} bits, {image_size}x{image_size}, on {device}")
+    packed = encode_packed(model, make_loader(ds, args.bs, workers=workers, device=device), device)
+    index = build_index(packed)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "bits": int(config["bits"]), "index_bits": int(index.d),
+            "bit_order": BIT_ORDER, "backbone": backbone, "image_size": int(image_size),
+            "checkpoint": os.path.abspath(path), "gallery": os.path.abspath(args.gallery),
+            "layout": info["layout"], "split": info["split"], "transform": info["transform"],
+            "num_items": len(identities), "identities": identities, "paths": paths}
+    write_index_dir(args.out, index, meta)
+    print(f"index written to {args.out} ({len(identities)} items, {len(set(identities))} identities, "
+          f"{packed.shape[1]} bytes per code)")
+    return meta
+
+
+def cmd_query(args):
+    """``search.py query``: encode the query images and rank the index. Returns the JSON-able result dict."""
+    _check_positive("--topk", args.topk)
+    _check_positive("--bs", args.bs)
+    if args.radius is not None and args.radius < 0:
+        raise UserInputError(f"--radius {args.radius}: must be >= 0")
+    _check_out_file("--json", args.json)
+    _check_out_file("--sheet", args.sheet)
+    index, meta = read_index_dir(args.index)
+    images = [open_image(p) for p in args.images]  # every query checked before any work
+    device = resolve_device(args.device)
+    model, ckpt_path = load_query_model(meta, args.load, device, args.index)
+    transform = query_transform(meta)
+    packed = encode_packed(model, _batches([transform(im) for im in images], args.bs), device)
+    known = set(meta["identities"])
+    results = search(meta, index, packed, topk=args.topk, radius=args.radius)
+    queries = [{"image": os.path.abspath(p), "identity": query_identity(p, known), "results": r}
+               for p, r in zip(args.images, results)]
+    out = {"index": os.path.abspath(args.index), "checkpoint": os.path.abspath(ckpt_path), "bits": meta["bits"],
+           "mode": "radius" if args.radius is not None else "topk",
+           "topk": args.topk if args.radius is not None else (args.topk or DEFAULT_TOPK),
+           "radius": args.radius, "queries": queries}
+    print(format_results(queries))
+    if args.json:
+        atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=2).encode()))
+        print(f"results written to {args.json}")
+    if args.sheet:
+        write_sheet(queries, args.sheet, max_results=args.topk or DEFAULT_TOPK)
+        print(f"contact sheet written to {args.sheet}")
+    return out
+
+
+@exit_on_user_error("search.py")
+def main(args):
+    if args.command == "index":
+        return cmd_index(args)
+    return cmd_query(args)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
