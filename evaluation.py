@@ -53,7 +53,8 @@ def encode(model, loader, device):
     model.eval()
     codes, labels = [], []
     for images, y in loader:
-        h = model(images.to(device, non_blocking=True))
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        h = model(images)
         codes.append(binarize(h.float()))
         labels.append(y.to(device))
     return torch.cat(codes), torch.cat(labels)
@@ -101,7 +102,7 @@ def load_hashing_model(path, device, bits=None, backbone=None):
         raise UserInputError(f"{path}: weights do not fit a {backbone} network ({str(e).splitlines()[0]})") from None
     config.setdefault("backbone", backbone)
     config["bits"] = inferred_bits
-    return model.to(device).eval(), ckpt, config
+    return model.to(device, memory_format=torch.channels_last).eval(), ckpt, config
 
 
 def format_metrics(m, radius=2):

@@ -209,13 +209,6 @@ def _ddh_names(root):
     return names or None
 
 
-def _ddh_file_lengths(ds):
-    if getattr(ds, "file_lengths", None) is not None:
-        return list(ds.file_lengths)
-    from data.ddh import _read_file  # DDHSplit does not keep per-file row counts
-    return [len(_read_file(f)[1]) for f in ds.files]
-
-
 def load_gallery(gallery, layout, split, image_size):
     """The gallery dataset with one identity and one path per item, in gallery order.
 
@@ -235,7 +228,7 @@ def load_gallery(gallery, layout, split, image_size):
         raw = ds.raw_labels.tolist()
         identities = [names.get(int(y), str(y)) if names else str(y) for y in raw]
         paths = []
-        for f, n in zip(ds.files, _ddh_file_lengths(ds)):
+        for f, n in zip(ds.files, ds.file_lengths):
             paths += [f"{os.path.abspath(f)}#{r}" for r in range(n)]
         transform = {"kind": "ddh", "mean": float(ds.mean), "std": float(ds.std)}
         return ds, identities, paths, {"layout": "ddh", "split": split, "transform": transform}

@@ -72,6 +72,7 @@ class DDHSplit(torch.utils.data.Dataset):
         raw_labels: int64 numpy array (n,) of the identity ids in the files.
         labels: int64 tensor (n,), contiguous class indices (set by ``data.assign_labels``).
         mean, std: float, the split's normalisation statistics.
+        files, file_lengths: the .pkl files read (sorted) and their row counts.
 
     Items: ``(image float32 (3, 32, 32) in [-1, 1], label int64 scalar tensor)``;
     ``__getitems__`` returns whole batches at once.
@@ -91,6 +92,7 @@ class DDHSplit(torch.utils.data.Dataset):
         if len(data) == 0:
             raise UserInputError(f"{folder}: the split holds no images")
         self.root, self.split, self.files = root, split, files
+        self.file_lengths = [len(p[0]) for p in parts]  # rows per file, in file order
         self.mean, self.std = _split_stats(data)
         self.scale = 0.1 / (self.std + 1e-5)
         if data.dtype != np.uint8:

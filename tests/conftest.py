@@ -21,6 +21,10 @@ needs_celeba_ddh = pytest.mark.skipif(
     not os.path.isdir(CELEBA_DDH),
     reason=f"{CELEBA_DDH} is absent: real faces are only in the development checkout's ../shared")
 
+needs_celeba = pytest.mark.skipif(
+    not os.path.isdir(CELEBA),
+    reason=f"{CELEBA} is absent: real faces are only in the development checkout's ../shared")
+
 
 def run_script(*args, cwd=None, timeout=300):
     """Run a project script with this interpreter; returns CompletedProcess (text)."""

@@ -1,0 +1,158 @@
+"""Training throughput: this project's trainer against a loop in the authors' style.
+
+    python benchmarks/train_speed.py [--device cpu|cuda] [--steps 10] [--bs 256]
+
+Both train the same DFHNet (48 bits) with the DCDH loss on the same synthetic FaceScrub-size
+data (67,177 images of 3x32x32, 530 identities), in the same process, alternating A/B rounds:
+
+* baseline (the authors' loop): per-sample Dataset of float64 HWC arrays + ToTensor,
+  DataLoader(shuffle=True), fp32, W through ``inverse(Y^T Y + I)``, loss with their exp/sum form;
+* project: ``data.DeviceBatches`` (uint8 split on the device, normalised per batch),
+  channels_last, and ``dcdh_train.training_step`` (bf16 autocast on CUDA unless --no-amp;
+  ``--amp`` turns it on for the CPU too).
+
+Prints images/s of each (median over rounds) and the ratio project / baseline.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def _authors_style(num_classes, bits, device):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    class PerSample(Dataset):  # their MyDataset: float64 HWC rows, ToTensor per item
+        def __init__(self, x, y):
+            self.x, self.y = x, y.reshape(-1, 1)
+            self.t = transforms.ToTensor()
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.t(self.x[i]).type(torch.FloatTensor), torch.from_numpy(self.y[i])
+
+    def loss_fn(x, labels, centers, sigma=0.25, inner=0.1):  # their DualClasswiseLoss
+        b, c = x.size(0), centers.size(0)
+        d = (x.pow(2).sum(1, keepdim=True).expand(b, c) + centers.pow(2).sum(1, keepdim=True).expand(c, b).t())
+        d = d.addmm(x, centers.t(), beta=1, alpha=-2)
+        p = torch.exp(-0.5 * sigma * d) / (torch.exp(-0.5 * sigma * d).sum(1, keepdim=True) + 1e-6)
+        mask = labels.view(-1, 1).eq(torch.arange(c, device=x.device))
+        pull = -(torch.log(p + 1e-6) * mask.float()).sum() / b
+        cn = F.normalize(centers, dim=1)
+        theta = 0.5 * centers.size(1) * cn.mm(cn.t())
+        theta = theta.masked_fill(torch.eye(c, dtype=torch.bool, device=x.device), 0)
+        push = (torch.log(1 + torch.exp(-theta.abs())) + theta.clamp_min(0)).sum() / (c * (c - 1))
+        return pull + inner * push
+
+    def step(model, centers, opt, imgs, labels, eta=0.01):
+        imgs, labels = imgs.to(device), labels.to(device).view(-1)
+        opt.zero_grad()
+        h = model(imgs)
+        loss = loss_fn(h, labels, centers)
+        y = torch.zeros(len(labels), num_classes, device=device).scatter_(1, labels.view(-1, 1), 1)
+        w = torch.inverse(y.t() @ y + torch.eye(num_classes, device=device)) @ (y.t() @ torch.sign(h))
+        b = torch.sign(y @ w + eta * h)
+        loss = loss + eta * (h - b).pow(2).sum() / len(imgs)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return PerSample, step, np
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=10, help="timed batches per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--bs", type=int, default=256)
+    p.add_argument("--images", type=int, default=67177)
+    p.add_argument("--classes", type=int, default=530)
+    p.add_argument("--bits", type=int, default=48)
+    p.add_argument("--no-amp", action="store_true", help="fp32 for the project's trainer on CUDA too")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the project's trainer on the CPU too")
+    args = p.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import numpy as np
+    import torch
+
+    from data.ddh import DDHSplit
+    from data.device_loader import DeviceBatches
+    from dcdh_train import build_optimizer, training_step
+    from models import DCDHLoss, build_model
+
+    device = torch.device(args.device)
+    amp = (device.type == "cuda" and not args.no_amp) or args.amp
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (args.images, 3072), dtype=np.uint8)
+    labels = rng.integers(0, args.classes, args.images)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"{args.images} images, {args.classes} classes, {args.bits} bits, batch {args.bs}, amp {amp}")
+
+    # baseline data: the authors' float64, normalised once, HWC per sample
+    x = raw.astype(np.float64)
+    x = np.clip((x - x.mean()) / (x.std() + 1e-5) * 0.1, -1, 1).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    PerSample, authors_step, _ = _authors_style(args.classes, args.bits, device)
+    base_loader = torch.utils.data.DataLoader(PerSample(x, labels), batch_size=args.bs, shuffle=True)
+    # project data: uint8 split on the device
+    split = DDHSplit.__new__(DDHSplit)
+    split.images = torch.from_numpy(raw.reshape(-1, 3, 32, 32))
+    split.labels = torch.from_numpy(labels)
+    split.mean, split.std = float(raw.mean()), float(raw.std())
+    split.scale = 0.1 / (split.std + 1e-5)
+    proj_loader = DeviceBatches(split, args.bs, device, shuffle=True, drop_last=True)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model("dfhnet", args.bits).to(device)
+        crit = DCDHLoss(args.classes, args.bits).to(device)
+        return model, crit, build_optimizer("adam", model, crit, 0.005)
+
+    def run_baseline(n):
+        model, crit, opt = fresh()
+        it = iter(base_loader)
+        authors_step(model, crit.centers, opt, *next(it))  # warm-up
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            authors_step(model, crit.centers, opt, *next(it))
+        sync()
+        return n * args.bs / (time.perf_counter() - t)
+
+    def run_project(n):
+        model, crit, opt = fresh()
+        model = model.to(memory_format=torch.channels_last)
+        it = iter(proj_loader)
+        imgs, y = next(it)
+        training_step(model, crit, opt, imgs.contiguous(memory_format=torch.channels_last), y, amp=amp)  # warm-up
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            imgs, y = next(it)
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+            training_step(model, crit, opt, imgs, y, amp=amp)
+        sync()
+        return n * args.bs / (time.perf_counter() - t)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    base, proj = [], []
+    for r in range(args.rounds):
+        base.append(run_baseline(args.steps))
+        proj.append(run_project(args.steps))
+        print(f"round {r + 1}: authors-style {base[-1]:.1f} images/s, project {proj[-1]:.1f} images/s")
+    b, q = statistics.median(base), statistics.median(proj)
+    print(f"median: authors-style {b:.1f} images/s, project {q:.1f} images/s, ratio {q / b:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
