@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from data import DATASETS, DDHSplit, build_datasets, default_backbone, make_loader, training_view
-from evaluation import evaluate, format_metrics
+from evaluation import evaluate
 from models import BACKBONES, DEFAULT_IMAGE_SIZE, DCDHLoss, build_model, check_image_size
 from utils.checkpoint import DEFAULT_DIR, load_checkpoint, save_checkpoint
 from utils.device import resolve_device

@@ -8,7 +8,6 @@ database index. ``evaluate(...)`` returns the metrics as a dict; nothing runs at
 """
 import json
 import os
-import sys
 
 import torch
 

@@ -25,7 +25,6 @@ gallery size; ``rank_within`` does the same for ``--radius``.
 Nothing runs at import; ``main(args)`` is the entry point.
 """
 import glob
-import io
 import json
 import os
 import shutil
@@ -39,11 +38,12 @@ from PIL import Image
 
 from data import DDH_LAYOUT, make_loader
 from data.ddh import DDHSplit
-from data.folder import FaceFolder, face_transforms, load_rgb
-from data.safe_pickle import load_arrays
+from data.folder import FaceFolder, face_transforms, open_image
 from evaluation import encode, load_hashing_model
 from models import DEFAULT_IMAGE_SIZE, check_image_size
+from utils.binary_index import BIT_ORDER, build_index, pack_codes, rank_topk, rank_within
 from utils.checkpoint import atomic_write, resolve_checkpoint
+from utils.contact_sheet import write_sheet
 from utils.device import resolve_device
 from utils.errors import OneLineArgumentParser, UserInputError, exit_on_user_error
 
@@ -51,7 +51,6 @@ INDEX_FILE = "index.bin"
 META_FILE = "meta.json"
 FORMAT = "dcdh-search-index"
 FORMAT_VERSION = 1
-BIT_ORDER = "little"
 """``np.packbits`` bit order of the stored codes (used for the gallery and the queries alike)."""
 
 GALLERY_KINDS = ("folder", "ddh", "vggface2", "facescrub", "youtube")
@@ -97,86 +96,6 @@ def get_args_parser(add_help=True):
 
 # --------------------------------------------------------------------------------------------
 # codes, index, ranking
-
-
-def pack_codes(codes):
-    """Pack binary codes into bytes for a faiss binary index.
-
-    Args: codes: (N, K) tensor or array of +-1 codes (or of real outputs: bit = value > 0).
-    Returns: uint8 numpy array (N, ceil(K / 8)), C-contiguous; bit j of a code is bit j % 8
-    (little order) of byte j // 8; the 8 * ceil(K / 8) - K padding bits are 0 in every code.
-    Raises: ValueError if ``codes`` is not 2-d.
-    """
-    if isinstance(codes, torch.Tensor):
-        codes = codes.detach().cpu().numpy()
-    codes = np.asarray(codes)
-    if codes.ndim != 2:
-        raise ValueError(f"codes must be a 2-d (N, K) array, got shape {codes.shape}")
-    return np.ascontiguousarray(np.packbits(codes > 0, axis=1, bitorder=BIT_ORDER))
-
-
-def build_index(packed):
-    """A ``faiss.IndexBinaryFlat`` holding ``packed`` (uint8 (N, B) from ``pack_codes``); d = 8 * B bits."""
-    packed = np.ascontiguousarray(packed, dtype=np.uint8)
-    index = faiss.IndexBinaryFlat(packed.shape[1] * 8)
-    if len(packed):
-        index.add(packed)
-    return index
-
-
-def _stable(ids, dists):
-    order = np.lexsort((ids, dists))  # by distance, then by gallery index
-    return ids[order].astype(np.int64), dists[order].astype(np.int64)
-
-
-def _within(index, q, limit):
-    """Every item at distance < ``limit`` from the single packed query ``q`` (1, B), stably sorted."""
-    lims, d, i = index.range_search(np.ascontiguousarray(q), int(limit))
-    return _stable(np.asarray(i[lims[0]:lims[1]]), np.rint(np.asarray(d[lims[0]:lims[1]])))
-
-
-def rank_topk(index, packed_queries, k):
-    """The k nearest gallery items of each query, ties in gallery order.
-
-    Args: index: faiss binary index; packed_queries: uint8 (Q, B); k (int > 0), clamped to the
-    gallery size.
-    Returns: list of Q pairs ``(ids int64 (k,), distances int64 (k,))``, ascending distance,
-    equal distances by ascending gallery index. faiss k-NN gives the k-th distance d_k; a
-    range search then returns all items with distance <= d_k, which are sorted by
-    (distance, index) and cut at k, so the order among ties is exactly the database order.
-    Raises: ValueError if k <= 0.
-    """
-    if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
-    packed_queries = np.ascontiguousarray(packed_queries, dtype=np.uint8)
-    k = min(k, index.ntotal)
-    if k == 0:
-        return [(np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in range(len(packed_queries))]
-    kth = index.search(packed_queries, k)[0][:, k - 1]
-    out = []
-    for qi in range(len(packed_queries)):
-        ids, dists = _within(index, packed_queries[qi:qi + 1], int(kth[qi]) + 1)
-        out.append((ids[:k], dists[:k]))
-    return out
-
-
-def rank_within(index, packed_queries, radius, limit=None):
-    """Every gallery item within Hamming distance ``radius`` (inclusive) of each query.
-
-    Args: index: faiss binary index; packed_queries: uint8 (Q, B); radius (int >= 0);
-    limit (int or None): keep at most this many per query.
-    Returns: list of Q pairs ``(ids int64 (n_q,), distances int64 (n_q,))`` sorted by
-    (distance, gallery index). Uses faiss ``range_search`` (strict ``< radius + 1``).
-    Raises: ValueError if radius < 0.
-    """
-    if radius < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
-    packed_queries = np.ascontiguousarray(packed_queries, dtype=np.uint8)
-    out = []
-    for qi in range(len(packed_queries)):
-        ids, dists = _within(index, packed_queries[qi:qi + 1], radius + 1)
-        out.append((ids[:limit], dists[:limit]) if limit is not None else (ids, dists))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,18 +262,6 @@ def read_index_dir(path):
 # queries
 
 
-def open_image(path, flag="image"):
-    """Open ``path`` as an RGB PIL image (``data.folder.load_rgb``).
-
-    Raises: UserInputError naming the file when it is missing, a folder, or not decodable.
-    """
-    if os.path.isdir(path):
-        raise UserInputError(f"{flag} {path}: is a folder, not an image file")
-    if not os.path.isfile(path):
-        raise UserInputError(f"{flag} {path}: no such file")
-    return load_rgb(path)
-
-
 def query_transform(meta):
     """The gallery's test transform from index metadata: PIL RGB image -> float32 (3, S, S).
 
@@ -447,61 +354,6 @@ def format_results(queries):
         lines.append(f"(* = same identity as the query) query identity ranked first for {top1}/{len(known)} "
                      f"queries, among the listed results for {anyk}/{len(known)}")
     return "\n".join(lines)
-
-
-def _gallery_image(path, cache):
-    """An RGB uint8 (H, W, 3) array for a gallery path (an image file or ``file.pkl#row``)."""
-    if "#" in path and path.rsplit("#", 1)[0].endswith(".pkl"):
-        file, row = path.rsplit("#", 1)
-        if file not in cache:
-            cache[file] = np.asarray(load_arrays(file)[0])
-        x = cache[file][int(row)].reshape(3, 32, 32).transpose(1, 2, 0)
-        if x.dtype != np.uint8:
-            x = np.clip((x - x.min()) / max(float(x.max() - x.min()), 1e-12) * 255, 0, 255).astype(np.uint8)
-        return x
-    try:
-        return np.asarray(open_image(path, flag="gallery image"))
-    except UserInputError:
-        return np.full((32, 32, 3), 128, np.uint8)  # moved or deleted since indexing
-
-
-def write_sheet(queries, path, max_results=None):
-    """Write a PNG contact sheet: one row per query, the query image then its results.
-
-    Results are titled with identity and distance; green title and border when the identity
-    equals the query's (known from its parent folder), neutral otherwise. At most
-    ``max_results`` (default: all) results per row. Written atomically.
-    """
-    from matplotlib.figure import Figure  # no pyplot: no global backend or window state
-    cols = 1 + max([len(q["results"][:max_results]) for q in queries] + [1])
-    fig = Figure(figsize=(1.5 * cols, 1.8 * len(queries)))
-    cache = {}
-    axes = fig.subplots(len(queries), cols, squeeze=False)
-    for row, q in zip(axes, queries):
-        for ax in row:
-            ax.axis("off")
-        row[0].imshow(np.asarray(open_image(q["image"])))
-        row[0].set_title(f"query\n{q['identity'] if q['identity'] is not None else os.path.basename(q['image'])}",
-                         fontsize=8, fontweight="bold")
-        shown = q["results"][:max_results]
-        for ax, r in zip(row[1:], shown):
-            ax.imshow(_gallery_image(r["path"], cache))
-            same = q["identity"] is not None and r["identity"] == q["identity"]
-            color = "green" if same else "black"
-            ax.set_title(f"{r['identity']}\nd={r['distance']}", fontsize=8, color=color)
-            if same:
-                ax.axis("on")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for s in ax.spines.values():
-                    s.set_edgecolor("green")
-                    s.set_linewidth(3)
-        if len(q["results"]) > len(shown):
-            row[-1].text(1.02, 0.5, f"+{len(q['results']) - len(shown)}", transform=row[-1].transAxes, fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 # --------------------------------------------------------------------------------------------

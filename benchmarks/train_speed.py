@@ -24,7 +24,7 @@ def _authors_style(num_classes, bits, device):
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import Dataset
     from torchvision import transforms
 
     class PerSample(Dataset):  # their MyDataset: float64 HWC rows, ToTensor per item

@@ -41,6 +41,18 @@ def load_rgb(path):
         raise UserInputError(f"{path}: unreadable image ({e})") from None
 
 
+def open_image(path, flag="image"):
+    """Open ``path`` as an RGB PIL image (``data.folder.load_rgb``).
+
+    Raises: UserInputError naming the file when it is missing, a folder, or not decodable.
+    """
+    if os.path.isdir(path):
+        raise UserInputError(f"{flag} {path}: is a folder, not an image file")
+    if not os.path.isfile(path):
+        raise UserInputError(f"{flag} {path}: no such file")
+    return load_rgb(path)
+
+
 def _readable(path):
     try:
         with Image.open(path) as img:

@@ -8,6 +8,9 @@ from .dfhnet import DFHNet
 from .spherenet import STAGE_UNITS, SphereNetHashing
 from .torchvision_backbones import MIN_IMAGE_SIZE, TorchvisionHashNet
 
+__all__ = ["BACKBONES", "DEFAULT_IMAGE_SIZE", "MIN_IMAGE_SIZE", "DCDHLoss", "DFHNet", "SphereNetHashing",
+           "TorchvisionHashNet", "build_model", "check_image_size", "infer_backbone"]
+
 BACKBONES = ("dfhnet", "spherenet20", "spherenet64", "resnet18", "resnet50", "alexnet")
 """Backbone names accepted by ``--backbone``."""
 

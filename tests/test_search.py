@@ -1,4 +1,4 @@
-"""search.py: packed codes and faiss distances, stable top-k and radius ranking, the index/query CLI."""
+"""search.py and utils/binary_index.py: packed codes and faiss distances, stable top-k and radius ranking, the index/query CLI."""
 import json
 import os
 
@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import CELEBA_DDH, FIXTURES, needs_celeba_ddh, needs_fixtures, run_script
 import search
+from utils import binary_index
 from models import DCDHLoss, build_model
 from utils.checkpoint import save_checkpoint
 from utils.metrics import hamming_distance
@@ -39,24 +40,24 @@ def full_distances(index, packed_q):
 def test_packed_faiss_distances_equal_unpacked(bits):
     rng = np.random.default_rng(bits)
     db, q = random_codes(rng, 200, bits), random_codes(rng, 15, bits)
-    packed = search.pack_codes(db)
+    packed = binary_index.pack_codes(db)
     assert packed.dtype == np.uint8 and packed.shape == (200, (bits + 7) // 8)
-    index = search.build_index(packed)
+    index = binary_index.build_index(packed)
     assert index.d == 8 * ((bits + 7) // 8) and index.ntotal == 200
-    faiss_d = full_distances(index, search.pack_codes(q))
+    faiss_d = full_distances(index, binary_index.pack_codes(q))
     np.testing.assert_array_equal(faiss_d, brute_hamming(q, db))
     np.testing.assert_array_equal(faiss_d, hamming_distance(torch.from_numpy(q), torch.from_numpy(db)).numpy())
 
 
 def test_pack_codes_pads_with_zero_bits_and_maps_zero_to_minus_one():
     h = torch.tensor([[0.5] * 12, [0.0] * 12, [-1.0] * 11 + [2.0]])
-    packed = search.pack_codes(h)
+    packed = binary_index.pack_codes(h)
     assert packed.shape == (3, 2)
     assert packed[0].tolist() == [0xFF, 0x0F]  # bits 12..15 of the second byte are padding = 0
     assert packed[1].tolist() == [0, 0]  # sign(0) -> -1 -> bit 0
     assert packed[2].tolist() == [0, 0x08]  # little bit order: code bit 11 is bit 3 of byte 1
     with pytest.raises(ValueError):
-        search.pack_codes(np.ones(12))
+        binary_index.pack_codes(np.ones(12))
 
 
 def stable_topk(q, db, k):
@@ -73,9 +74,9 @@ def test_topk_equals_bruteforce_stable_sort(bits):
     db = base[rng.integers(0, 12, size=400)]
     db[::7] = random_codes(rng, len(db[::7]), bits)
     q = np.concatenate([random_codes(rng, 8, bits), base[:4]])
-    index = search.build_index(search.pack_codes(db))
+    index = binary_index.build_index(binary_index.pack_codes(db))
     for k in (1, 5, 37, 399, 400, 1000):
-        ranked = search.rank_topk(index, search.pack_codes(q), k)
+        ranked = binary_index.rank_topk(index, binary_index.pack_codes(q), k)
         order, dists = stable_topk(q, db, min(k, len(db)))
         for qi, (ids, d) in enumerate(ranked):
             assert ids.dtype == np.int64 and d.dtype == np.int64
@@ -88,12 +89,12 @@ def test_ties_come_out_in_database_order():
     code = random_codes(rng, 1, 36)
     far = -code
     db = np.concatenate([far.repeat(50, 0), code.repeat(300, 0), far.repeat(50, 0)])
-    index = search.build_index(search.pack_codes(db))
-    (ids, d), = search.rank_topk(index, search.pack_codes(code), 120)
+    index = binary_index.build_index(binary_index.pack_codes(db))
+    (ids, d), = binary_index.rank_topk(index, binary_index.pack_codes(code), 120)
     assert ids.tolist() == list(range(50, 170)) and set(d.tolist()) == {0}
-    (ids, d), = search.rank_topk(index, search.pack_codes(code), 330)
+    (ids, d), = binary_index.rank_topk(index, binary_index.pack_codes(code), 330)
     assert ids.tolist() == list(range(50, 350)) + list(range(0, 30)) and d[-1] == 36
-    (ids, d), = search.rank_within(index, search.pack_codes(code), 0)
+    (ids, d), = binary_index.rank_within(index, binary_index.pack_codes(code), 0)
     assert ids.tolist() == list(range(50, 350))
 
 
@@ -103,24 +104,24 @@ def test_radius_returns_exactly_the_items_within_r(bits):
     base = random_codes(rng, 20, bits)
     db = base[rng.integers(0, 20, size=300)] * np.where(rng.random((300, bits)) < 0.05, -1, 1).astype(np.float32)
     q = np.concatenate([base[:5], random_codes(rng, 3, bits)])
-    index = search.build_index(search.pack_codes(db))
+    index = binary_index.build_index(binary_index.pack_codes(db))
     full = brute_hamming(q, db)
     for r in (0, 1, 2, bits // 4, bits // 2, bits):
-        for qi, (ids, d) in enumerate(search.rank_within(index, search.pack_codes(q), r)):
+        for qi, (ids, d) in enumerate(binary_index.rank_within(index, binary_index.pack_codes(q), r)):
             expect = np.argsort(full[qi], kind="stable")
             expect = expect[full[qi][expect] <= r]
             np.testing.assert_array_equal(ids, expect)
             np.testing.assert_array_equal(d, full[qi][expect])
-        capped = search.rank_within(index, search.pack_codes(q), r, limit=3)
+        capped = binary_index.rank_within(index, binary_index.pack_codes(q), r, limit=3)
         assert all(len(ids) <= 3 for ids, _ in capped)
 
 
 def test_bad_k_and_radius():
-    index = search.build_index(search.pack_codes(np.ones((4, 12))))
+    index = binary_index.build_index(binary_index.pack_codes(np.ones((4, 12))))
     with pytest.raises(ValueError):
-        search.rank_topk(index, search.pack_codes(np.ones((1, 12))), 0)
+        binary_index.rank_topk(index, binary_index.pack_codes(np.ones((1, 12))), 0)
     with pytest.raises(ValueError):
-        search.rank_within(index, search.pack_codes(np.ones((1, 12))), -1)
+        binary_index.rank_within(index, binary_index.pack_codes(np.ones((1, 12))), -1)
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -334,4 +335,4 @@ def test_seed_checkpoint_codes_match_authors_outputs():
     model, _, _ = load_hashing_model(os.path.join(FIXTURES, "seed_format_dfhnet12.tar"), torch.device("cpu"))
     batch = [(ds.normalize(ds.images[:16]), ds.labels[:16])]
     packed = search.encode_packed(model, batch, torch.device("cpu"))
-    np.testing.assert_array_equal(packed, search.pack_codes(ref["test_real_valued"]))
+    np.testing.assert_array_equal(packed, binary_index.pack_codes(ref["test_real_valued"]))
