@@ -64,6 +64,9 @@ def get_args_parser(add_help=True):
     return p
 
 
+MAX_BITS = 1024
+"""Longest code accepted by --len (the hash layer maps 1024 features to K bits)."""
+
 RECIPES = {
     # optimizer: (weight decay, lr step in epochs, lr factor, default epochs) — DESIGN.md
     "adam": (1e-4, 100, 0.5, 600),
@@ -168,8 +171,11 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, amp=Fals
 
 
 def _check_args(args):
-    if args.len <= 0:
-        raise UserInputError(f"--len {args.len}: the code length must be a positive integer (paper: 12, 24, 36, 48)")
+    if not 0 < args.len <= MAX_BITS:
+        raise UserInputError(f"--len {args.len}: the code length must be an integer in 1..{MAX_BITS} "
+                             "(paper: 12, 24, 36, 48)")
+    if args.image_size is not None and args.image_size <= 0:
+        raise UserInputError(f"--image-size {args.image_size}: must be a positive number of pixels")
     if args.bs <= 0:
         raise UserInputError(f"--bs {args.bs}: the batch size must be a positive integer")
     if args.epochs is not None and args.epochs <= 0:
@@ -195,6 +201,11 @@ def _output_paths(args):
     name = args.save or f"dcdh_{args.dataset}{args.len}.tar"
     path = name if os.path.dirname(name) else os.path.join(args.checkpoint_dir, name)
     folder = os.path.dirname(os.path.abspath(path))
+    blocker = folder
+    while blocker and not os.path.exists(blocker):
+        blocker = os.path.dirname(blocker)
+    if blocker and not os.path.isdir(blocker):
+        raise UserInputError(f"cannot write checkpoints to {folder}: {blocker} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -203,6 +214,9 @@ def _output_paths(args):
         raise UserInputError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
     stem, ext = os.path.splitext(path)
     last = f"{stem}.last{ext or '.tar'}"
+    for target in (path, last, f"{stem}.log"):
+        if os.path.isdir(target):
+            raise UserInputError(f"--save: {target} is a folder; name a checkpoint file")
     for target in (path, last):  # temporary files of a run killed while saving
         for stale in glob.glob(os.path.join(folder, "." + glob.escape(os.path.basename(target)) + ".*.tmp")):
             os.unlink(stale)
@@ -226,7 +240,9 @@ def _train(args, dist_info):
     best_path, last_path, log_path = _output_paths(args)
     resume_path = None
     if args.resume is not None:
-        resume_path = last_path if args.resume == "auto" else args.resume
+        resume_path = args.resume
+        if args.resume == "auto":  # the latest epoch; the best file if killed before the first last-save
+            resume_path = last_path if os.path.isfile(last_path) or not os.path.isfile(best_path) else best_path
         if not os.path.isfile(resume_path):
             raise UserInputError(f"--resume: no such checkpoint {resume_path}")
 
@@ -266,6 +282,9 @@ def _train(args, dist_info):
     if resume_path:
         state = load_checkpoint(resume_path)
         old = state.get("config") or {}
+        if "epoch" not in state or not old:
+            raise UserInputError(f"--resume {resume_path}: holds no training state (epoch, optimizer, config); "
+                                 "only checkpoints written by dcdh_train.py can be resumed")
         for key in ("backbone", "bits", "num_classes", "image_size"):
             if old.get(key) != config[key]:
                 raise UserInputError(f"--resume {resume_path}: its {key} is {old.get(key)!r}, this run's is {config[key]!r}")
@@ -304,6 +323,9 @@ def _train(args, dist_info):
     if resume_path:
         log.info(f"[resume] from {resume_path}: {start_epoch} epochs done, best loss {best_loss:.4f} "
                  f"at epoch {best_epoch + 1}")
+    elif os.path.isfile(best_path):
+        log.info(f"[note] {best_path} exists and will be replaced by this new run "
+                 "(add --resume to continue that run instead)")
 
     workers = args.workers if args.workers is not None else (0 if isinstance(train_set, DDHSplit) else 2)
     local_bs = args.bs // world
@@ -355,7 +377,9 @@ def _train(args, dist_info):
             metrics = evaluate(model, *eval_loaders, device)
             log.info(f"[evaluate epoch {epoch + 1}] mAP {100 * metrics['map']:.2f}%, "
                      f"tie-aware mAP {100 * metrics['map_tie_aware']:.2f}%, "
-                     f"precision@10 {100 * metrics['precision_at_10']:.2f}%")
+                     f"precision@10 {100 * metrics['precision_at_10']:.2f}%"
+                     + (f"; {metrics['queries_without_relevant']} queries without a relevant database item"
+                        if metrics["queries_without_relevant"] else ""))
         barrier()
         if epoch - best_epoch > patience:
             log.info(f"[early stop] no lower training loss for more than {patience} epochs; "

@@ -131,8 +131,14 @@ def main(args):
         raise UserInputError(f"--radius {args.radius}: must be >= 0")
     if any(k <= 0 for k in args.topk):
         raise UserInputError(f"--topk {args.topk}: ranks must be positive")
+    if args.image_size is not None and args.image_size <= 0:
+        raise UserInputError(f"--image-size {args.image_size}: must be a positive number of pixels")
+    if args.json and os.path.isdir(args.json):
+        raise UserInputError(f"--json {args.json}: is a folder; name a file")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise UserInputError(f"--json {args.json}: the folder does not exist")
+    if args.plot_dir and os.path.exists(args.plot_dir) and not os.path.isdir(args.plot_dir):
+        raise UserInputError(f"--plot-dir {args.plot_dir}: is a file; name a folder")
     device = resolve_device(args.device)
     path = resolve_checkpoint(args.load)
     model, ckpt, config = load_hashing_model(path, device, bits=args.len, backbone=args.backbone)

@@ -248,6 +248,16 @@ def read_index_dir(path):
     if missing:
         raise UserInputError(f"{meta_path}: incomplete metadata (no {', '.join(missing)})")
     try:
+        int(meta["bits"]), int(meta["image_size"])
+        kind = meta["transform"]["kind"]
+        if kind == "ddh":
+            float(meta["transform"]["mean"]), float(meta["transform"]["std"])
+        else:
+            int(meta["transform"]["image_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserInputError(f"{meta_path}: malformed metadata ({type(e).__name__}: {e}); "
+                             "rebuild the index with 'search.py index'") from None
+    try:
         index = faiss.read_index_binary(index_path)
     except RuntimeError as e:
         raise UserInputError(f"{index_path}: unreadable faiss index ({str(e).strip().splitlines()[0][:200]})") from None

@@ -84,7 +84,7 @@ class DDHSplit(torch.utils.data.Dataset):
         folder = os.path.join(root, split)
         if not os.path.isdir(folder):
             raise UserInputError(f"{folder}: no such folder (a DDH-layout dataset needs {split}/*.pkl)")
-        files = sorted(glob.glob(os.path.join(folder, "*.pkl")))
+        files = sorted(f for f in glob.glob(os.path.join(folder, "*.pkl")) if os.path.isfile(f))
         if not files:
             raise UserInputError(f"{folder}: no .pkl files (expected DDH data files such as data_batch_1.pkl)")
         parts = [_read_file(f) for f in files]

@@ -56,7 +56,7 @@ def open_image(path, flag="image"):
 def _readable(path):
     try:
         with Image.open(path) as img:
-            img.verify()
+            img.load()  # a full decode: verify() misses truncated JPEG data
         return True
     except Exception:  # PIL raises many types for broken files
         return False

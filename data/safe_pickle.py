@@ -21,6 +21,14 @@ except ImportError:  # pragma: no cover - numpy 1.x
 for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
     _ALLOWED[(_mod, "_reconstruct")] = _multiarray._reconstruct
     _ALLOWED[(_mod, "scalar")] = _multiarray.scalar
+try:  # protocol-5 pickles of arrays (numpy >= 1.16 writes them with _frombuffer)
+    from numpy._core.numeric import _frombuffer
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.numeric import _frombuffer
+for _mod in ("numpy.core.numeric", "numpy._core.numeric"):
+    _ALLOWED[(_mod, "_frombuffer")] = _frombuffer
+for _mod in ("__builtin__", "builtins"):  # protocol 2 writes empty bytes as __builtin__.bytes()
+    _ALLOWED[(_mod, "bytes")] = bytes
 
 
 def _latin1_encode(text, encoding="latin1"):

@@ -53,7 +53,7 @@ class Payload:
 def test_code_payload_is_refused_and_not_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save(dict(minimal(), extra=Payload()), "evil.tar")
-    with pytest.raises(UserInputError, match="refused to load"):
+    with pytest.raises(UserInputError, match="refused to load: it carries the Python object"):
         load_checkpoint("evil.tar")
     assert not os.path.exists("ran_payload_marker")
 
@@ -71,3 +71,22 @@ def test_resolve_like_the_authors(tmp_path, monkeypatch):
 def test_authors_checkpoint_loads_weights_only():
     ck = load_checkpoint(f"{FIXTURES}/seed_format_dfhnet12.tar")
     assert ck["centers"]["centers"].shape == (299, 12)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"hello world", "not a checkpoint|not a readable checkpoint"),
+    (b"", "empty file"),
+    (b"\x80\x02}q\x00.", "not a DCDH checkpoint|not a readable checkpoint|not a checkpoint"),
+])
+def test_foreign_files_give_one_clear_line(tmp_path, content, message):
+    path = tmp_path / "x.tar"
+    path.write_bytes(content)
+    with pytest.raises(UserInputError, match=message) as e:
+        load_checkpoint(str(path))
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_payload_message_names_the_object(tmp_path):
+    torch.save(dict(minimal(), extra=Payload()), str(tmp_path / "evil.tar"))
+    with pytest.raises(UserInputError, match=r"carries the Python object (posix|os)\.system"):
+        load_checkpoint(str(tmp_path / "evil.tar"))

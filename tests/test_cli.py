@@ -85,6 +85,8 @@ def one_line_error(r, *needles):
     (["--epochs", "0"], ["--epochs 0"]),
     (["--bs", "100000"], ["--bs 100000", "larger than the training set"]),
     (["--backbone", "vgg"], ["--backbone", "vgg"]),
+    (["--len", "1000000000"], ["--len 1000000000", "1..1024"]),
+    (["--image-size", "0"], ["--image-size 0"]),
     (["--device", "cuda:7"], ["--device cuda:7"]),
 ])
 def test_train_bad_flags(synthetic_root, tmp_path, args, needles):
@@ -97,12 +99,27 @@ def test_train_bad_flags(synthetic_root, tmp_path, args, needles):
     assert not os.path.exists(tmp_path / "ck" / "x.tar")
 
 
+def test_save_target_that_is_a_folder(synthetic_root, tmp_path):
+    os.makedirs(tmp_path / "m.tar")
+    r = run_script("dcdh_train.py", "--dataset", "ddh", "--data-root", synthetic_root, "--epochs", "1",
+                   "--checkpoint-dir", str(tmp_path), "--save", "m.tar", "--device", "cpu")
+    one_line_error(r, "m.tar is a folder")
+
+
+@needs_fixtures
+def test_resume_of_authors_checkpoint_is_refused_clearly(synthetic_root, tmp_path):
+    r = run_script("dcdh_train.py", "--dataset", "ddh", "--data-root", synthetic_root, "--epochs", "1",
+                   "--len", "12", "--bs", "32", "--checkpoint-dir", str(tmp_path), "--device", "cpu",
+                   "--resume", f"{FIXTURES}/seed_format_dfhnet12.tar")
+    one_line_error(r, "holds no training state")
+
+
 def test_unwritable_checkpoint_dir_reported_before_training(synthetic_root, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     r = run_script("dcdh_train.py", "--dataset", "ddh", "--data-root", synthetic_root, "--epochs", "1",
                    "--checkpoint-dir", str(blocker / "sub"), "--device", "cpu")
-    one_line_error(r, "cannot write checkpoints", str(blocker))
+    one_line_error(r, "cannot write checkpoints", f"{blocker} is a file, not a folder")
 
 
 def test_evaluate_bad_input(trained, synthetic_root, tmp_path):
@@ -118,6 +135,9 @@ def test_evaluate_bad_input(trained, synthetic_root, tmp_path):
     one_line_error(run_script("evaluation.py", "--load", str(bad), *base, "--json", str(js)),
                    "trunc.tar", "truncated or corrupt")
     assert not js.exists()
+    os.makedirs(tmp_path / "jdir")
+    one_line_error(run_script("evaluation.py", "--load", str(out / "m.tar"), *base, "--json", str(tmp_path / "jdir")),
+                   "is a folder")
     one_line_error(run_script("evaluation.py", "--load", str(out / "m.tar"), "--dataset", "youtube",
                               "--data-root", str(tmp_path / "nope"), "--device", "cpu"), "no such folder")
 

@@ -156,3 +156,33 @@ def test_real_celeba_ddh32_counts():
     x, y = next(iter(make_loader(q, 8)))
     assert x.dtype == torch.float32 and x.shape == (8, 3, 32, 32) and x.abs().max() <= 1
     assert not os.path.exists(os.path.join(CELEBA, "train", "__pycache__"))
+
+
+def test_protocol_5_and_empty_protocol_2_splits(tmp_path):
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072) % 251
+    os.makedirs(tmp_path / "train")
+    (tmp_path / "train" / "a.pkl").write_bytes(pickle.dumps((data, np.array([4, 9])), protocol=5))
+    split = DDHSplit(str(tmp_path), "train")
+    assert split.raw_labels.tolist() == [4, 9] and split.images.shape == (2, 3, 32, 32)
+    (tmp_path / "train" / "a.pkl").write_bytes(
+        pickle.dumps((np.zeros((0, 3072), np.uint8), np.zeros(0, np.int64)), protocol=2))
+    with pytest.raises(UserInputError, match="the split holds no images"):
+        DDHSplit(str(tmp_path), "train")
+
+
+def test_folder_named_pkl_is_ignored(tmp_path):
+    write_ddh(str(tmp_path), "train", {"a.pkl": (np.zeros((2, 3072), np.uint8), np.array([0, 1]))})
+    os.makedirs(tmp_path / "train" / "zz.pkl")
+    assert len(DDHSplit(str(tmp_path), "train")) == 2
+
+
+def test_truncated_jpeg_is_skipped_with_warning(tmp_path, capsys):
+    make_folder(str(tmp_path), {"train": {"a": 2, "b": 2}, "test": {"a": 1}})
+    good = tmp_path / "train" / "a" / "big.jpg"
+    Image.effect_noise((64, 64), 50).convert("RGB").save(good, quality=95)
+    good.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "train" / "b" / "empty.jpg").write_bytes(b"")
+    db, _, _ = build_datasets("folder", str(tmp_path), 32)
+    assert len(db) == 4
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable image file(s)" in err and "big.jpg" in err and "empty.jpg" in err

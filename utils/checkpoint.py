@@ -8,6 +8,7 @@ types only: backbone, bits, image_size, dataset, num_classes, label_map, hyper-p
 """
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 
@@ -69,15 +70,21 @@ def load_checkpoint(path, map_location="cpu"):
     """
     if not os.path.isfile(path):
         raise UserInputError(f"{path}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise UserInputError(f"{path}: empty file, not a checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserInputError(f"{path}: refused to load: it holds objects other than tensors and plain "
-                             f"values ({first[:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserInputError(f"{path}: not a readable checkpoint (truncated or corrupt: {first[:200]})") from None
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+        if found:
+            raise UserInputError(f"{path}: refused to load: it carries the Python object {found.group(1)} "
+                                 "(only tensors and plain values are loaded; nothing was run)") from None
+        raise UserInputError(f"{path}: not a checkpoint (unrecognised or corrupt content)") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... for damaged files
+        if isinstance(e, OSError) and not isinstance(e, zipfile.BadZipFile):
+            raise UserInputError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise UserInputError(f"{path}: not a readable checkpoint (truncated or corrupt; "
+                             f"{type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "backbone" not in ckpt or "centers" not in ckpt:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserInputError(f"{path}: not a DCDH checkpoint (expected keys 'backbone' and 'centers', got {keys})")

@@ -1,6 +1,7 @@
 """One exception type for bad user input, turned into a one-line message and exit code 2."""
 import argparse
 import functools
+import re
 import sys
 
 EXIT_USAGE = 2
@@ -19,8 +20,7 @@ def one_line(error):
     if not lines:
         return type(error).__name__
     if len(lines) > 1 and "Traceback" in str(error):
-        last = lines[-1]
-        return last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ": ") else last
+        return re.sub(r"^[\w.]*" + type(error).__name__ + ": ", "", lines[-1])
     return " ".join(ln.strip() for ln in lines)
 
 
