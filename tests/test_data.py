@@ -186,3 +186,12 @@ def test_truncated_jpeg_is_skipped_with_warning(tmp_path, capsys):
     assert len(db) == 4
     err = capsys.readouterr().err
     assert "skipped 2 unreadable image file(s)" in err and "big.jpg" in err and "empty.jpg" in err
+
+
+def test_rgba_images_and_empty_identity_folder(tmp_path, capsys):
+    make_folder(str(tmp_path), {"train": {"a": 2, "b": 2}, "test": {"a": 1}}, mode="RGBA")
+    os.makedirs(tmp_path / "train" / "nobody")
+    db, q, label_map = build_datasets("folder", str(tmp_path), 32)
+    assert label_map == ["a", "b"] and len(db) == 4
+    assert db[0][0].shape == (3, 32, 32)
+    assert "ignored 1 identity folder(s) without images: nobody" in capsys.readouterr().err
