@@ -385,8 +385,8 @@ def _train(args, dist_info):
             log.info(f"[early stop] no lower training loss for more than {patience} epochs; "
                      f"stopped at epoch {epoch + 1}")
             break
-    elapsed = time.time() - since
-    log.info(f"[done] {epoch + 1 - start_epoch} epochs in {elapsed // 60:.0f}min {elapsed % 60:.0f}s; "
+    minutes, seconds = divmod(int(round(time.time() - since)), 60)
+    log.info(f"[done] {epoch + 1 - start_epoch} epoch(s) in {minutes}min {seconds}s; "
              f"best loss {best_loss:.4f} at epoch {best_epoch + 1}; model saved as {best_path}")
     return {"best_path": best_path, "best_loss": best_loss, "best_epoch": best_epoch}
 
