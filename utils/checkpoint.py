@@ -10,7 +10,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 
 import torch
 
@@ -84,7 +83,7 @@ def load_checkpoint(path, map_location="cpu"):
                                  "(only tensors and plain values are loaded; nothing was run)") from None
         raise UserInputError(f"{path}: not a checkpoint (unrecognised or corrupt content)") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... for damaged files
-        if isinstance(e, OSError) and not isinstance(e, zipfile.BadZipFile):
+        if isinstance(e, (PermissionError, IsADirectoryError)):
             raise UserInputError(f"{path}: cannot read ({e.strerror or e})") from None
         raise UserInputError(f"{path}: not a readable checkpoint (truncated or corrupt; "
                              f"{type(e).__name__})") from None
