@@ -16,8 +16,8 @@ from models import BACKBONES, DEFAULT_IMAGE_SIZE, build_model, check_image_size,
 from utils.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
 from utils.device import resolve_device
 from utils.errors import OneLineArgumentParser, UserInputError, exit_on_user_error
-from utils.metrics import binarize, retrieval_metrics
-from utils.plots import default_curve_ranks, write_curves
+from utils.metrics import binarize, default_curve_ranks, retrieval_metrics
+from utils.plots import write_curves
 
 
 def get_args_parser(add_help=True):
@@ -63,7 +63,7 @@ def evaluate(model, query_loader, database_loader, device, topk=(1, 5, 10), radi
     """Encode queries and database, then compute the retrieval metrics of ``utils.metrics``.
 
     ``curve_ranks`` (list of int or None): ranks of the precision@N / recall@N curves
-    (default 1, 2, 5, 10, ... and the database size).
+    (default 1, 5, 10, 20, 50, ... and the database size).
 
     Returns: dict of plain values with keys ``map``, ``map_tie_aware``, ``precision_at_{k}``,
     ``precision_radius_{r}``, ``recall_radius_{r}``, ``num_queries``, ``num_database``, ``bits``,

@@ -6,15 +6,6 @@ import os
 from .checkpoint import atomic_write
 
 
-def default_curve_ranks(num_database):
-    """Ranks 1, 2, 5, 10, 20, 50, ... below ``num_database``, then ``num_database`` itself."""
-    ranks, base = [], 1
-    while base < num_database:
-        ranks += [r for r in (base, 2 * base, 5 * base) if r < num_database]
-        base *= 10
-    return ranks + [num_database]
-
-
 def _write_csv(path, header, rows):
     buf = io.StringIO()
     w = csv.writer(buf)
