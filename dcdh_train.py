@@ -23,7 +23,7 @@ from models import BACKBONES, DEFAULT_IMAGE_SIZE, DCDHLoss, build_model, check_i
 from utils.checkpoint import DEFAULT_DIR, load_checkpoint, save_checkpoint
 from utils.device import resolve_device
 from utils.distributed import (all_reduce_sum_, average_gradients_, barrier, cleanup, init_distributed)
-from utils.errors import OneLineArgumentParser, UserInputError, exit_on_user_error
+from utils.errors import OneLineArgumentParser, UserInputError, check_flag, exit_on_user_error
 from utils.log import setup_logger
 
 
@@ -174,12 +174,8 @@ def _check_args(args):
     if not 0 < args.len <= MAX_BITS:
         raise UserInputError(f"--len {args.len}: the code length must be an integer in 1..{MAX_BITS} "
                              "(paper: 12, 24, 36, 48)")
-    if args.image_size is not None and args.image_size <= 0:
-        raise UserInputError(f"--image-size {args.image_size}: must be a positive number of pixels")
-    if args.bs <= 0:
-        raise UserInputError(f"--bs {args.bs}: the batch size must be a positive integer")
-    if args.epochs is not None and args.epochs <= 0:
-        raise UserInputError(f"--epochs {args.epochs}: must be a positive integer")
+    for flag, value in (("--image-size", args.image_size), ("--bs", args.bs), ("--epochs", args.epochs)):
+        check_flag(flag, value)
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserInputError(f"--lr {args.lr}: must be a positive number")
     if not (args.sigma > 0 and math.isfinite(args.sigma)):
@@ -188,10 +184,8 @@ def _check_args(args):
         v = getattr(args, flag)
         if not (v >= 0 and math.isfinite(v)):
             raise UserInputError(f"--{flag} {v}: must be a non-negative number")
-    if args.workers is not None and args.workers < 0:
-        raise UserInputError(f"--workers {args.workers}: must be >= 0")
-    if args.eval_every < 0:
-        raise UserInputError(f"--eval-every {args.eval_every}: must be >= 0")
+    check_flag("--workers", args.workers, 0)
+    check_flag("--eval-every", args.eval_every, 0)
     if args.dataset not in DATASETS:
         raise UserInputError(f"--dataset {args.dataset!r} is unknown; expected one of {', '.join(DATASETS)}")
 

@@ -15,7 +15,7 @@ from data import DATASETS, DDHSplit, build_datasets, make_loader
 from models import BACKBONES, DEFAULT_IMAGE_SIZE, build_model, check_image_size, infer_backbone
 from utils.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
 from utils.device import resolve_device
-from utils.errors import OneLineArgumentParser, UserInputError, exit_on_user_error
+from utils.errors import OneLineArgumentParser, UserInputError, check_flag, exit_on_user_error
 from utils.metrics import binarize, default_curve_ranks, retrieval_metrics
 from utils.plots import write_curves
 
@@ -123,16 +123,10 @@ def write_json(obj, path):
 
 @exit_on_user_error("evaluation.py")
 def main(args):
-    if args.len is not None and args.len <= 0:
-        raise UserInputError(f"--len {args.len}: the code length must be a positive integer")
-    if args.bs <= 0:
-        raise UserInputError(f"--bs {args.bs}: the batch size must be a positive integer")
-    if args.radius < 0:
-        raise UserInputError(f"--radius {args.radius}: must be >= 0")
-    if any(k <= 0 for k in args.topk):
-        raise UserInputError(f"--topk {args.topk}: ranks must be positive")
-    if args.image_size is not None and args.image_size <= 0:
-        raise UserInputError(f"--image-size {args.image_size}: must be a positive number of pixels")
+    for flag, value in (("--len", args.len), ("--bs", args.bs), ("--image-size", args.image_size),
+                        ("--topk", min(args.topk)), ("--workers", args.workers)):
+        check_flag(flag, value, 0 if flag == "--workers" else 1)
+    check_flag("--radius", args.radius, 0)
     if args.json and os.path.isdir(args.json):
         raise UserInputError(f"--json {args.json}: is a folder; name a file")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):

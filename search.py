@@ -45,7 +45,7 @@ from utils.binary_index import BIT_ORDER, build_index, pack_codes, rank_topk, ra
 from utils.checkpoint import atomic_write, resolve_checkpoint
 from utils.contact_sheet import write_sheet
 from utils.device import resolve_device
-from utils.errors import OneLineArgumentParser, UserInputError, exit_on_user_error
+from utils.errors import OneLineArgumentParser, UserInputError, check_flag, exit_on_user_error
 
 INDEX_FILE = "index.bin"
 META_FILE = "meta.json"
@@ -370,11 +370,6 @@ def format_results(queries):
 # commands
 
 
-def _check_positive(flag, value):
-    if value is not None and value <= 0:
-        raise UserInputError(f"{flag} {value}: must be a positive integer")
-
-
 def _check_out_file(flag, path):
     if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise UserInputError(f"{flag} {path}: the folder does not exist")
@@ -382,10 +377,9 @@ def _check_out_file(flag, path):
 
 def cmd_index(args):
     """``search.py index``: encode the gallery and write the index folder. Returns the metadata dict."""
-    _check_positive("--bs", args.bs)
-    _check_positive("--image-size", args.image_size)
-    if args.workers is not None and args.workers < 0:
-        raise UserInputError(f"--workers {args.workers}: must be >= 0")
+    check_flag("--bs", args.bs)
+    check_flag("--image-size", args.image_size)
+    check_flag("--workers", args.workers, 0)
     layout = detect_layout(args.gallery, args.split, args.dataset)
     check_out_dir(args.out)
     device = resolve_device(args.device)
@@ -416,10 +410,9 @@ def cmd_index(args):
 
 def cmd_query(args):
     """``search.py query``: encode the query images and rank the index. Returns the JSON-able result dict."""
-    _check_positive("--topk", args.topk)
-    _check_positive("--bs", args.bs)
-    if args.radius is not None and args.radius < 0:
-        raise UserInputError(f"--radius {args.radius}: must be >= 0")
+    check_flag("--topk", args.topk)
+    check_flag("--bs", args.bs)
+    check_flag("--radius", args.radius, 0)
     _check_out_file("--json", args.json)
     _check_out_file("--sheet", args.sheet)
     index, meta = read_index_dir(args.index)

@@ -21,10 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _sign(x):
-    """sign with 0 mapped to -1 (the project's binary-code convention)."""
-    return torch.where(x > 0, torch.ones_like(x), -torch.ones_like(x))
+from utils.metrics import binarize
 
 
 def _check(codes, labels, num_classes):
@@ -90,14 +87,14 @@ def regression_codes(codes, labels, num_classes, eta, all_reduce=None):
     distributed run, so that W is the per-class mean over the whole global batch.
     Returns: (W float (C, K), B float (B, K) of +-1), both detached.
     """
-    signs = _sign(codes)
+    signs = binarize(codes)
     sums = codes.new_zeros(num_classes, codes.shape[1]).index_add_(0, labels, signs)
     counts = torch.bincount(labels, minlength=num_classes).to(codes.dtype)
     if all_reduce is not None:
         all_reduce(sums)
         all_reduce(counts)
     w = sums / counts.clamp_min(1.0)[:, None]
-    return w, _sign(w[labels] + eta * codes)
+    return w, binarize(w[labels] + eta * codes)
 
 
 def quantization_loss(codes, labels, num_classes, eta, all_reduce=None):

@@ -13,6 +13,13 @@ class UserInputError(Exception):
     what was expected; the scripts print ``error: <message>`` and exit with status 2."""
 
 
+def check_flag(flag, value, minimum=1):
+    """Raise UserInputError unless ``value`` (an int flag, None = unset) is at least ``minimum``."""
+    if value is not None and value < minimum:
+        expected = "a positive integer" if minimum == 1 else f">= {minimum}"
+        raise UserInputError(f"{flag} {value}: must be {expected}")
+
+
 def one_line(error):
     """The message of ``error`` on one line; for errors re-raised from a DataLoader worker
     (whose text carries the worker's traceback) the original message, i.e. the last line."""
