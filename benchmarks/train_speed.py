@@ -1,6 +1,7 @@
 """Training throughput: this project's trainer against a loop in the authors' style.
 
-    python benchmarks/train_speed.py [--device cpu|cuda] [--steps 10] [--bs 256]
+    python benchmarks/train_speed.py [--device cpu|cuda] [--steps 10] [--bs 256] [--amp]
+                                     [--compile MODE] [--threads N] [--thread-scaling]
 
 Both train the same DFHNet (48 bits) with the DCDH loss on the same synthetic FaceScrub-size
 data (67,177 images of 3x32x32, 530 identities), in the same process, alternating A/B rounds:
@@ -9,9 +10,12 @@ data (67,177 images of 3x32x32, 530 identities), in the same process, alternatin
   DataLoader(shuffle=True), fp32, W through ``inverse(Y^T Y + I)``, loss with their exp/sum form;
 * project: ``data.DeviceBatches`` (uint8 split on the device, normalised per batch),
   channels_last, and ``dcdh_train.training_step`` (bf16 autocast on CUDA unless --no-amp;
-  ``--amp`` turns it on for the CPU too).
+  ``--amp`` turns it on for the CPU too; ``--compile MODE`` adds torch.compile, whose
+  compilation is done in an untimed warm-up).
 
-Prints images/s of each (median over rounds) and the ratio project / baseline.
+Prints images/s of each (median over rounds) and the ratio project / baseline. With
+``--thread-scaling`` it also times the project's trainer with one CPU thread, to show how much
+the second core adds.
 """
 import argparse
 import os
@@ -78,6 +82,12 @@ def main():
     p.add_argument("--bits", type=int, default=48)
     p.add_argument("--no-amp", action="store_true", help="fp32 for the project's trainer on CUDA too")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the project's trainer on the CPU too")
+    p.add_argument("--compile", default="off", help="torch.compile mode for the project's network "
+                   "(off, default, reduce-overhead, max-autotune)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    p.add_argument("--no-baseline", action="store_true", help="time the project's trainer only")
+    p.add_argument("--thread-scaling", action="store_true",
+                   help="also time the project's trainer with 1 CPU thread")
     args = p.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import numpy as np
@@ -87,6 +97,10 @@ def main():
     from data.device_loader import DeviceBatches
     from dcdh_train import build_optimizer, training_step
     from models import DCDHLoss, build_model
+    from utils.device import compile_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     amp = (device.type == "cuda" and not args.no_amp) or args.amp
@@ -94,13 +108,15 @@ def main():
     raw = rng.integers(0, 256, (args.images, 3072), dtype=np.uint8)
     labels = rng.integers(0, args.classes, args.images)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"{args.images} images, {args.classes} classes, {args.bits} bits, batch {args.bs}, amp {amp}")
+          f"{args.images} images, {args.classes} classes, {args.bits} bits, batch {args.bs}, amp {amp}, "
+          f"compile {args.compile}, load average {os.getloadavg()[0]:.2f}")
 
     # baseline data: the authors' float64, normalised once, HWC per sample
-    x = raw.astype(np.float64)
+    x = raw[:1] if args.no_baseline else raw
+    x = x.astype(np.float64)
     x = np.clip((x - x.mean()) / (x.std() + 1e-5) * 0.1, -1, 1).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     PerSample, authors_step, _ = _authors_style(args.classes, args.bits, device)
-    base_loader = torch.utils.data.DataLoader(PerSample(x, labels), batch_size=args.bs, shuffle=True)
+    base_loader = torch.utils.data.DataLoader(PerSample(x, labels[:len(x)]), batch_size=args.bs, shuffle=True)
     # project data: uint8 split on the device
     split = DDHSplit.__new__(DDHSplit)
     split.images = torch.from_numpy(raw.reshape(-1, 3, 32, 32))
@@ -126,18 +142,30 @@ def main():
         sync()
         return n * args.bs / (time.perf_counter() - t)
 
+    compiled = {}  # compile once (the first warm-up), then reuse the compiled network's code
+
     def run_project(n):
         model, crit, opt = fresh()
         model = model.to(memory_format=torch.channels_last)
+        if args.compile != "off":
+            if "net" not in compiled:
+                compiled["net"] = model
+                compiled["fn"] = compile_model(model, args.compile, device)
+            compiled["net"].load_state_dict(model.state_dict())
+            model, train_net = compiled["net"], compiled["fn"]
+            opt = build_optimizer("adam", model, crit, 0.005)
+        else:
+            train_net = model
         it = iter(proj_loader)
-        imgs, y = next(it)
-        training_step(model, crit, opt, imgs.contiguous(memory_format=torch.channels_last), y, amp=amp)  # warm-up
+        for _ in range(1 if args.compile == "off" else 3):  # warm-up (and compilation)
+            imgs, y = next(it)
+            training_step(train_net, crit, opt, imgs.contiguous(memory_format=torch.channels_last), y, amp=amp)
         sync()
         t = time.perf_counter()
         for _ in range(n):
             imgs, y = next(it)
             imgs = imgs.contiguous(memory_format=torch.channels_last)
-            training_step(model, crit, opt, imgs, y, amp=amp)
+            training_step(train_net, crit, opt, imgs, y, amp=amp)
         sync()
         return n * args.bs / (time.perf_counter() - t)
 
@@ -147,11 +175,24 @@ def main():
 
     base, proj = [], []
     for r in range(args.rounds):
-        base.append(run_baseline(args.steps))
+        if not args.no_baseline:
+            base.append(run_baseline(args.steps))
         proj.append(run_project(args.steps))
-        print(f"round {r + 1}: authors-style {base[-1]:.1f} images/s, project {proj[-1]:.1f} images/s")
-    b, q = statistics.median(base), statistics.median(proj)
-    print(f"median: authors-style {b:.1f} images/s, project {q:.1f} images/s, ratio {q / b:.2f}x")
+        print(f"round {r + 1}: " + (f"authors-style {base[-1]:.1f} images/s, " if base else "")
+              + f"project {proj[-1]:.1f} images/s")
+    q = statistics.median(proj)
+    if base:
+        b = statistics.median(base)
+        print(f"median: authors-style {b:.1f} images/s, project {q:.1f} images/s, ratio {q / b:.2f}x")
+    else:
+        print(f"median: project {q:.1f} images/s")
+    if args.thread_scaling:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        one = statistics.median(run_project(args.steps) for _ in range(args.rounds))
+        torch.set_num_threads(threads)
+        print(f"project with 1 CPU thread: {one:.1f} images/s; with {threads}: {q:.1f} images/s "
+              f"({q / one:.2f}x)")
 
 
 if __name__ == "__main__":

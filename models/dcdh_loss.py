@@ -67,8 +67,9 @@ def push_loss(centers, authors_constant=False):
         raise ValueError(f"the push term needs at least 2 class centers, got {c}")
     unit = F.normalize(centers, dim=1)
     theta = 0.5 * k * unit @ unit.t()
-    off_diagonal = ~torch.eye(c, dtype=torch.bool, device=centers.device)
-    loss = F.softplus(theta[off_diagonal]).sum() / (c * (c - 1))
+    # masked_fill, not boolean indexing: no data-dependent shape, so no host sync on a GPU
+    diagonal = torch.eye(c, dtype=torch.bool, device=centers.device)
+    loss = F.softplus(theta).masked_fill(diagonal, 0.0).sum() / (c * (c - 1))
     if authors_constant:
         loss = loss + math.log(2.0) / (c - 1)
     return loss
@@ -89,7 +90,8 @@ def regression_codes(codes, labels, num_classes, eta, all_reduce=None):
     """
     signs = binarize(codes)
     sums = codes.new_zeros(num_classes, codes.shape[1]).index_add_(0, labels, signs)
-    counts = torch.bincount(labels, minlength=num_classes).to(codes.dtype)
+    # index_add_ rather than bincount, which reads labels.max() back to the host on a GPU
+    counts = codes.new_zeros(num_classes).index_add_(0, labels, codes.new_ones(labels.shape[0]))
     if all_reduce is not None:
         all_reduce(sums)
         all_reduce(counts)

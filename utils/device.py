@@ -1,4 +1,6 @@
-"""Choosing the compute device from ``--device``."""
+"""Choosing the compute device from ``--device``, and compiling the network for it."""
+import shutil
+
 import torch
 
 from .errors import UserInputError
@@ -23,3 +25,33 @@ def resolve_device(name=None):
     elif device.type != "cpu":
         raise UserInputError(f"--device {name!r}: expected cpu, cuda or cuda:N")
     return device
+
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+"""Values of ``--compile``: off, or a ``torch.compile`` mode (reduce-overhead adds CUDA graphs)."""
+
+
+def compile_model(model, mode, device):
+    """``torch.compile(model, mode=mode, dynamic=False)``, or ``model`` itself for mode "off".
+
+    The compiled module shares parameters and buffers with ``model``, so checkpoints are still
+    written from ``model`` (no ``_orig_mod.`` prefixes). Compilation happens at the first call
+    (tens of seconds); the last, smaller batch of an epoch compiles once more.
+
+    Raises: UserInputError if the toolchain for ``device`` is missing (a C++ compiler on the
+    CPU, Triton on a GPU) or ``mode`` is not one of ``COMPILE_MODES``.
+    """
+    if mode not in COMPILE_MODES:
+        raise UserInputError(f"--compile {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    if mode == "off":
+        return model
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        raise UserInputError(f"--compile {mode} on the CPU needs a C++ compiler (g++ or clang++) on PATH; "
+                             "install one or use --compile off")
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise UserInputError(f"--compile {mode} on a GPU needs the triton package; "
+                                 "install it or use --compile off") from None
+    return torch.compile(model, mode=mode, dynamic=False)

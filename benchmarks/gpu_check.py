@@ -1,0 +1,275 @@
+"""Every GPU check of the training-speed issue in one prepared run, for a short GPU lease.
+
+    python benchmarks/gpu_check.py --out "$OUT"                 # on the GPU machine (~8 minutes)
+    python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check  # the same stages, tiny, on the CPU
+
+Stages, in order of importance, each in its own process with a time limit (a stage that fails or
+runs out of time is recorded and the next one starts):
+
+1. ``env``: torch version, device name.
+2. ``correctness``: ``utils.metrics.retrieval_metrics`` on the device against the CPU (same
+   values), the DCDH loss terms on the device against the CPU, and 20 training steps of
+   ``dcdh_train.training_step`` under ``torch.cuda.set_sync_debug_mode("error")`` (a step that
+   waits for the GPU from the host fails this).
+3. ``speed``: ``benchmarks/train_speed.py`` at batch 256 (authors'-style loop against the
+   project's trainer, bf16 and fp32), then the project alone with torch.compile modes and at
+   batch 1024.
+4. ``schedule``: ``dcdh_train.py`` with its defaults (600 epochs, evaluation every 10) on a
+   FaceScrub-size synthetic set (530 identities, 127 train + 5 test images each: 67,310 / 2,650),
+   stopped after ``--schedule-seconds``; the time per epoch (evaluation and checkpoints included)
+   is extrapolated to the 600 epochs and printed as such.
+
+Writes ``gpu_check.log`` (everything printed), ``gpu_check.json`` (the figures) and
+``schedule.log`` (the training run's output, each line with seconds since its start) to ``--out``.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stage_env(device):
+    import torch
+    out = {"torch": torch.__version__, "python": sys.version.split()[0], "device": str(device),
+           "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def _stage_correctness(device, smoke):
+    import copy
+
+    import torch
+
+    from data.device_loader import DeviceBatches
+    from dcdh_train import build_optimizer, training_step
+    from models import DCDHLoss, build_model
+    from utils.metrics import retrieval_metrics
+
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    nq, nd, bits, classes = (50, 2000, 48, 53) if smoke else (500, 50000, 48, 530)
+    q = torch.randint(0, 2, (nq, bits), generator=g).float() * 2 - 1
+    d = torch.randint(0, 2, (nd, bits), generator=g).float() * 2 - 1
+    ql, dl = torch.randint(0, classes, (nq,), generator=g), torch.randint(0, classes, (nd,), generator=g)
+    on_cpu = retrieval_metrics(q, d, ql, dl)
+    on_dev = retrieval_metrics(q.to(device), d.to(device), ql.to(device), dl.to(device))
+    gaps = {k: abs(on_cpu[k] - on_dev[k]) for k, v in on_cpu.items() if isinstance(v, (int, float))}
+    out["metrics_max_abs_gap"] = max(gaps.values())
+    out["metrics_map_cpu"], out["metrics_map_device"] = on_cpu["map"], on_dev["map"]
+
+    torch.manual_seed(0)
+    criterion = DCDHLoss(classes, bits)
+    codes, labels = torch.randn(256, bits), torch.randint(0, classes, (256,))
+    t_cpu = criterion.terms(codes, labels)
+    t_dev = copy.deepcopy(criterion).to(device).terms(codes.to(device), labels.to(device))
+    out["loss_terms_max_rel_gap"] = max(abs(float(t_cpu[k]) - float(t_dev[k])) / abs(float(t_cpu[k]))
+                                        for k in t_cpu)
+
+    split = _random_split(2048 if smoke else 8192, classes)
+    model = build_model("dfhnet", bits).to(device).to(memory_format=torch.channels_last)
+    criterion = criterion.to(device)
+    opt = build_optimizer("adam", model, criterion, 0.005)
+    amp = device.type == "cuda"
+    batches = iter(DeviceBatches(split, 256, device, shuffle=True, drop_last=True))
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def step():
+        images, y = next(batches)
+        images = images.contiguous(memory_format=torch.channels_last)
+        terms = training_step(model, criterion, opt, images, y, amp=amp)
+        sums.add_(torch.stack([terms[k] for k in ("total", "pull", "push", "quant")]).double() * 256)
+
+    for _ in range(3):  # warm-up: allocations, cuDNN plans
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5 if smoke else 20):
+            step()
+        out["training_step_host_syncs"] = "none"
+    except RuntimeError as e:
+        out["training_step_host_syncs"] = f"FOUND: {str(e).splitlines()[0][:300]}"
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    out["training_loss_finite"] = bool(torch.isfinite(sums).all())
+    return out
+
+
+def _random_split(n, classes):
+    """A DDHSplit of n random uint8 32x32 images (the speed benchmarks' data)."""
+    import numpy as np
+    import torch
+
+    from data.ddh import DDHSplit
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    split = DDHSplit.__new__(DDHSplit)
+    split.images = torch.from_numpy(raw)
+    split.labels = torch.from_numpy(rng.integers(0, classes, n))
+    split.mean, split.std = float(raw.mean()), float(raw.std())
+    split.scale = 0.1 / (split.std + 1e-5)
+    return split
+
+
+def _run(cmd, seconds, log, stamp_to=None):
+    """Run ``cmd``, echo its output to ``log``; returns (exit code or 'timeout', lines, seconds).
+
+    With ``stamp_to`` each line is also written there with the seconds since the start.
+    """
+    start = time.perf_counter()
+    lines = []
+    stamped = open(stamp_to, "w") if stamp_to else None
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+    deadline = start + seconds
+    rc = None
+    try:
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                rc = "timeout"
+                break
+            if not sel.select(timeout=min(left, 1.0)):
+                if proc.poll() is not None:
+                    break
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                break
+            t = time.perf_counter() - start
+            lines.append((t, line.rstrip("\n")))
+            log(line.rstrip("\n"))
+            if stamped:
+                stamped.write(f"{t:9.2f} {line}")
+                stamped.flush()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        proc.wait()
+        if stamped:
+            stamped.close()
+    return (rc or proc.returncode), lines, time.perf_counter() - start
+
+
+def _speed(args, log, python):
+    runs = [("bf16 (project default on CUDA) vs authors' loop, batch 256", []),
+            ("fp32 vs authors' loop, batch 256", ["--no-amp"]),
+            ("bf16 + torch.compile default, batch 256", ["--no-baseline", "--compile", "default"]),
+            ("bf16 + torch.compile reduce-overhead (CUDA graphs), batch 256",
+             ["--no-baseline", "--compile", "reduce-overhead"]),
+            ("bf16, batch 1024", ["--no-baseline", "--bs", "1024"])]
+    sizes = (["--images", "4096", "--steps", "2", "--rounds", "1"] if args.smoke
+             else ["--steps", "100", "--rounds", "3"])
+    results = []
+    for name, extra in runs:
+        cmd = [python, "benchmarks/train_speed.py", "--device", args.device, *sizes, *extra]
+        if args.smoke and args.device == "cpu":
+            cmd.append("--amp")
+        log(f"$ {' '.join(cmd[1:])}")
+        rc, lines, secs = _run(cmd, args.stage_seconds, log)
+        median = [l for _, l in lines if l.startswith("median:")]
+        results.append({"run": name, "args": extra, "rc": rc, "seconds": round(secs, 1),
+                        "median": median[-1] if median else None})
+    return results
+
+
+def _schedule(args, log, python):
+    sys.path.insert(0, ROOT)
+    from data.synthetic import write_synthetic_ddh
+    work = tempfile.mkdtemp(prefix="gpu_check_")
+    ids, per_id = (20, 20) if args.smoke else (530, 127)
+    t = time.perf_counter()
+    root = write_synthetic_ddh(os.path.join(work, "facescrub_size"), identities=ids, train_per_id=per_id,
+                               test_per_id=5, seed=0, files=4)
+    log(f"synthetic FaceScrub-size set: {ids * per_id} train / {ids * 5} test images "
+        f"({time.perf_counter() - t:.0f} s to write)")
+    cmd = [python, "dcdh_train.py", "--dataset", "facescrub", "--data-root", root, "--len", "48",
+           "--device", args.device, "--checkpoint-dir", work, "--save", "schedule.tar",
+           "--compile", args.schedule_compile]
+    if args.smoke:
+        cmd += ["--epochs", "600", "--eval-every", "2"]
+    log(f"$ {' '.join(cmd[1:])}  (stopped after {args.schedule_seconds} s)")
+    rc, lines, secs = _run(cmd, args.schedule_seconds, log, os.path.join(args.out, "schedule.log"))
+    epochs = [(t, int(m.group(1)), float(m.group(2))) for t, l in lines
+              if (m := re.match(r"\[epoch (\d+)/600\].* (\d+) images/s", l))]
+    evals = [(t, l) for t, l in lines if l.startswith("[evaluate")]
+    out = {"rc": rc, "seconds": round(secs, 1), "epochs_done": len(epochs), "compile": args.schedule_compile}
+    if len(epochs) >= 3:
+        (t0, e0, _), (t1, e1, _) = epochs[0], epochs[-1]
+        per_epoch = (t1 - t0) / (e1 - e0)  # includes checkpoint writes and every 10th epoch's evaluation
+        out.update(first_epoch_done_s=round(t0, 1), seconds_per_epoch=round(per_epoch, 3),
+                   images_per_s_logged_median=sorted(r for _, _, r in epochs)[len(epochs) // 2],
+                   extrapolated_600_epochs_min=round((t0 + per_epoch * (600 - e0)) / 60, 2),
+                   evaluations=[l for _, l in evals][-3:])
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="results folder (default $OUT)")
+    p.add_argument("--device", default=None, help="default cuda (cpu with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script itself on a CPU")
+    p.add_argument("--stage-seconds", type=int, default=150, help="time limit of each speed run")
+    p.add_argument("--schedule-seconds", type=int, default=180, help="time given to the schedule run")
+    p.add_argument("--schedule-compile", default="off", help="--compile value of the schedule run")
+    p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage in-process
+    args = p.parse_args()
+    args.device = args.device or ("cpu" if args.smoke else "cuda")
+    sys.path.insert(0, ROOT)
+
+    if args.stage:  # child process: print one JSON line
+        import torch
+        device = torch.device(args.device)
+        result = _stage_env(device) if args.stage == "env" else _stage_correctness(device, args.smoke)
+        print("RESULT " + json.dumps(result))
+        return
+
+    os.makedirs(args.out, exist_ok=True)
+    logfile = open(os.path.join(args.out, "gpu_check.log"), "a")
+    summary_path = os.path.join(args.out, "gpu_check.json")
+    summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": args.smoke}
+
+    def log(line):
+        print(line, flush=True)
+        logfile.write(line + "\n")
+        logfile.flush()
+
+    def save():
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=1)
+
+    python = sys.executable
+    for stage in ("env", "correctness"):
+        log(f"== {stage}")
+        cmd = [python, "benchmarks/gpu_check.py", "--stage", stage, "--device", args.device]
+        rc, lines, secs = _run(cmd + (["--smoke"] if args.smoke else []), args.stage_seconds, log)
+        found = [l[len("RESULT "):] for _, l in lines if l.startswith("RESULT ")]
+        summary[stage] = json.loads(found[-1]) if found else {"rc": rc, "tail": [l for _, l in lines[-5:]]}
+        summary[stage]["seconds"] = round(secs, 1)
+        save()
+    log("== speed")
+    summary["speed"] = _speed(args, log, python)
+    save()
+    log("== schedule")
+    summary["schedule"] = _schedule(args, log, python)
+    summary["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    save()
+    log(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
