@@ -148,14 +148,13 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, amp=Fals
                file=sys.stderr, unit="batch")
 
     def check(batch):
-        values = torch.stack(pending)
-        bad = (~torch.isfinite(values)).nonzero()
-        if len(bad):
-            i = int(bad[0])
-            raise NonFiniteLoss(f"the loss became {values[i].item()} at epoch {epoch + 1}, "
-                                f"batch {batch - len(pending) + i + 2}")
+        values = torch.cat([torch.stack(pending).double(), sums[:1]]).tolist()  # one sync
+        for i, v in enumerate(values[:-1]):
+            if not math.isfinite(v):
+                raise NonFiniteLoss(f"the loss became {v} at epoch {epoch + 1}, "
+                                    f"batch {batch - len(pending) + i + 2}")
         pending.clear()
-        bar.set_postfix(loss=f"{sums[0].item() / max(local_images, 1):.4f}")
+        bar.set_postfix(loss=f"{values[-1] / max(local_images, 1):.4f}")
 
     for batch, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True)
@@ -293,7 +292,10 @@ def _train(args, dist_info):
         model.load_state_dict(state["backbone"])
         criterion.load_state_dict(state["centers"])
         if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
+            saved = state["optimizer"]
+            for group in saved.get("param_groups", []):  # the saved flags would win: keep fused
+                group["fused"], group["foreach"] = True, None
+            optimizer.load_state_dict(saved)
         start_epoch = int(state.get("epoch", 0))
         best_loss = float(state.get("best_loss", math.inf))
         best_epoch = int(state.get("best_epoch", -1))

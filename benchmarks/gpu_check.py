@@ -1,23 +1,25 @@
 """Every GPU check of the training-speed issue in one prepared run, for a short GPU lease.
 
-    python benchmarks/gpu_check.py --out "$OUT"                 # on the GPU machine (~8 minutes)
+    python benchmarks/gpu_check.py --out "$OUT"                 # on the GPU machine (9 minutes)
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check  # the same stages, tiny, on the CPU
 
-Stages, in order of importance, each in its own process with a time limit (a stage that fails or
-runs out of time is recorded and the next one starts):
+Stages, in order of importance, each in its own process with a time limit within ``--budget``
+(a stage that fails or runs out of time is recorded and the next one starts; the figures are
+saved after each):
 
 1. ``env``: torch version, device name.
 2. ``correctness``: ``utils.metrics.retrieval_metrics`` on the device against the CPU (same
    values), the DCDH loss terms on the device against the CPU, and 20 training steps of
    ``dcdh_train.training_step`` under ``torch.cuda.set_sync_debug_mode("error")`` (a step that
    waits for the GPU from the host fails this).
-3. ``speed``: ``benchmarks/train_speed.py`` at batch 256 (authors'-style loop against the
-   project's trainer, bf16 and fp32), then the project alone with torch.compile modes and at
-   batch 1024.
+3. ``speed``: ``benchmarks/train_speed.py`` at batch 256, authors'-style loop against the
+   project's trainer, bf16 and fp32.
 4. ``schedule``: ``dcdh_train.py`` with its defaults (600 epochs, evaluation every 10) on a
    FaceScrub-size synthetic set (530 identities, 127 train + 5 test images each: 67,310 / 2,650),
    stopped after ``--schedule-seconds``; the time per epoch (evaluation and checkpoints included)
    is extrapolated to the 600 epochs and printed as such.
+5. more ``speed`` runs as the budget allows: the project alone with torch.compile (default,
+   reduce-overhead) and at batch 1024.
 
 Writes ``gpu_check.log`` (everything printed), ``gpu_check.json`` (the figures) and
 ``schedule.log`` (the training run's output, each line with seconds since its start) to ``--out``.
@@ -25,10 +27,13 @@ Writes ``gpu_check.log`` (everything printed), ``gpu_check.json`` (the figures) 
 import argparse
 import json
 import os
+import queue
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +108,26 @@ def _stage_correctness(device, smoke):
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode(0)
     out["training_loss_finite"] = bool(torch.isfinite(sums).all())
+
+    # a whole epoch of dcdh_train.train_one_epoch: syncs expected only at its NaN checks (one per
+    # 25 batches) and its end, counted as warnings
+    import warnings
+
+    from dcdh_train import train_one_epoch
+    loader = DeviceBatches(split, 256, device, shuffle=True, drop_last=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            stats = train_one_epoch(model, criterion, opt, loader, device, 0, amp=amp, progress=False)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).splitlines()[0][:200] for w in caught if "synchroniz" in str(w.message)]
+    out["epoch_batches"], out["epoch_sync_warnings"] = len(loader), len(syncs)
+    out["epoch_sync_examples"] = sorted(set(syncs))[:3]
+    out["epoch_loss"] = stats["loss"]
     return out
 
 
@@ -125,36 +150,36 @@ def _random_split(n, classes):
 def _run(cmd, seconds, log, stamp_to=None):
     """Run ``cmd``, echo its output to ``log``; returns (exit code or 'timeout', lines, seconds).
 
-    With ``stamp_to`` each line is also written there with the seconds since the start.
+    ``lines`` holds (seconds since the start, line) as each line arrived (a reader thread, so no
+    line waits in a buffer). With ``stamp_to`` each line is also written there with its time.
     """
     start = time.perf_counter()
-    lines = []
+    lines, arrived = [], queue.Queue()
     stamped = open(stamp_to, "w") if stamp_to else None
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-    deadline = start + seconds
+
+    def read():
+        for line in proc.stdout:
+            arrived.put((time.perf_counter() - start, line.rstrip("\n")))
+        arrived.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     rc = None
     try:
-        import selectors
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
         while True:
-            left = deadline - time.perf_counter()
-            if left <= 0:
+            left = start + max(seconds, 1) - time.perf_counter()
+            try:
+                item = arrived.get(timeout=max(left, 0.01))
+            except queue.Empty:
                 rc = "timeout"
                 break
-            if not sel.select(timeout=min(left, 1.0)):
-                if proc.poll() is not None:
-                    break
-                continue
-            line = proc.stdout.readline()
-            if not line:
+            if item is None:
                 break
-            t = time.perf_counter() - start
-            lines.append((t, line.rstrip("\n")))
-            log(line.rstrip("\n"))
+            lines.append(item)
+            log(item[1])
             if stamped:
-                stamped.write(f"{t:9.2f} {line}")
+                stamped.write(f"{item[0]:9.2f} {item[1]}\n")
                 stamped.flush()
     finally:
         if proc.poll() is None:
@@ -165,29 +190,37 @@ def _run(cmd, seconds, log, stamp_to=None):
     return (rc or proc.returncode), lines, time.perf_counter() - start
 
 
-def _speed(args, log, python):
-    runs = [("bf16 (project default on CUDA) vs authors' loop, batch 256", []),
-            ("fp32 vs authors' loop, batch 256", ["--no-amp"]),
-            ("bf16 + torch.compile default, batch 256", ["--no-baseline", "--compile", "default"]),
-            ("bf16 + torch.compile reduce-overhead (CUDA graphs), batch 256",
-             ["--no-baseline", "--compile", "reduce-overhead"]),
-            ("bf16, batch 1024", ["--no-baseline", "--bs", "1024"])]
+SPEED_RUNS = {
+    "baseline": [("bf16 (project default on CUDA) vs authors' loop, batch 256", []),
+                 ("fp32 vs authors' loop, batch 256", ["--no-amp"])],
+    "extra": [("bf16, eager vs torch.compile default, batch 256", ["--no-baseline", "--compile", "default"]),
+              ("bf16, eager vs torch.compile reduce-overhead (CUDA graphs), batch 256",
+               ["--no-baseline", "--compile", "reduce-overhead"]),
+              ("bf16, batch 1024", ["--no-baseline", "--bs", "1024", "--steps", "50"])],
+}
+
+
+def _speed(args, log, python, runs, limit, results, save):
+    """Run ``benchmarks/train_speed.py`` for each of ``runs``; appends to ``results``."""
     sizes = (["--images", "4096", "--steps", "2", "--rounds", "1"] if args.smoke
              else ["--steps", "100", "--rounds", "3"])
-    results = []
     for name, extra in runs:
+        seconds = limit()
+        if seconds < 30:
+            results.append({"run": name, "skipped": "out of time"})
+            continue
         cmd = [python, "benchmarks/train_speed.py", "--device", args.device, *sizes, *extra]
         if args.smoke and args.device == "cpu":
             cmd.append("--amp")
         log(f"$ {' '.join(cmd[1:])}")
-        rc, lines, secs = _run(cmd, args.stage_seconds, log)
+        rc, lines, secs = _run(cmd, seconds, log)
         median = [l for _, l in lines if l.startswith("median:")]
         results.append({"run": name, "args": extra, "rc": rc, "seconds": round(secs, 1),
                         "median": median[-1] if median else None})
-    return results
+        save()
 
 
-def _schedule(args, log, python):
+def _schedule(args, log, python, seconds):
     sys.path.insert(0, ROOT)
     from data.synthetic import write_synthetic_ddh
     work = tempfile.mkdtemp(prefix="gpu_check_")
@@ -202,8 +235,12 @@ def _schedule(args, log, python):
            "--compile", args.schedule_compile]
     if args.smoke:
         cmd += ["--epochs", "600", "--eval-every", "2"]
-    log(f"$ {' '.join(cmd[1:])}  (stopped after {args.schedule_seconds} s)")
-    rc, lines, secs = _run(cmd, args.schedule_seconds, log, os.path.join(args.out, "schedule.log"))
+    seconds = seconds - (time.perf_counter() - t)
+    log(f"$ {' '.join(cmd[1:])}  (stopped after {seconds:.0f} s)")
+    try:
+        rc, lines, secs = _run(cmd, seconds, log, os.path.join(args.out, "schedule.log"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the synthetic set and checkpoints (about 250 MB)
     epochs = [(t, int(m.group(1)), float(m.group(2))) for t, l in lines
               if (m := re.match(r"\[epoch (\d+)/600\].* (\d+) images/s", l))]
     evals = [(t, l) for t, l in lines if l.startswith("[evaluate")]
@@ -223,7 +260,8 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="results folder (default $OUT)")
     p.add_argument("--device", default=None, help="default cuda (cpu with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script itself on a CPU")
-    p.add_argument("--stage-seconds", type=int, default=150, help="time limit of each speed run")
+    p.add_argument("--budget", type=int, default=540, help="seconds for the whole run (default 540)")
+    p.add_argument("--stage-seconds", type=int, default=150, help="time limit of each stage")
     p.add_argument("--schedule-seconds", type=int, default=180, help="time given to the schedule run")
     p.add_argument("--schedule-compile", default="off", help="--compile value of the schedule run")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage in-process
@@ -253,20 +291,31 @@ def main():
             json.dump(summary, f, indent=1)
 
     python = sys.executable
+    began = time.perf_counter()
+
+    def limit(reserve=0):  # a stage's time: its own limit, within what the budget leaves
+        return min(args.stage_seconds, args.budget - reserve - (time.perf_counter() - began))
+
+    schedule_reserve = args.schedule_seconds + 30
     for stage in ("env", "correctness"):
         log(f"== {stage}")
         cmd = [python, "benchmarks/gpu_check.py", "--stage", stage, "--device", args.device]
-        rc, lines, secs = _run(cmd + (["--smoke"] if args.smoke else []), args.stage_seconds, log)
+        rc, lines, secs = _run(cmd + (["--smoke"] if args.smoke else []), limit(schedule_reserve), log)
         found = [l[len("RESULT "):] for _, l in lines if l.startswith("RESULT ")]
         summary[stage] = json.loads(found[-1]) if found else {"rc": rc, "tail": [l for _, l in lines[-5:]]}
         summary[stage]["seconds"] = round(secs, 1)
         save()
     log("== speed")
-    summary["speed"] = _speed(args, log, python)
-    save()
+    summary["speed"] = []
+    _speed(args, log, python, SPEED_RUNS["baseline"], lambda: limit(schedule_reserve), summary["speed"], save)
     log("== schedule")
-    summary["schedule"] = _schedule(args, log, python)
+    left = args.budget - (time.perf_counter() - began)
+    summary["schedule"] = _schedule(args, log, python, min(args.schedule_seconds + 20, left - 10))
+    save()
+    log("== more speed runs, as time allows")
+    _speed(args, log, python, SPEED_RUNS["extra"], limit, summary["speed"], save)
     summary["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    summary["seconds"] = round(time.perf_counter() - began, 1)
     save()
     log(json.dumps(summary, indent=1))
 

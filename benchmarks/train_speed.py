@@ -131,9 +131,13 @@ def main():
         crit = DCDHLoss(args.classes, args.bits).to(device)
         return model, crit, build_optimizer("adam", model, crit, 0.005)
 
+    def batches(loader):  # endless: a new shuffled pass when one runs out
+        while True:
+            yield from loader
+
     def run_baseline(n):
         model, crit, opt = fresh()
-        it = iter(base_loader)
+        it = batches(base_loader)
         authors_step(model, crit.centers, opt, *next(it))  # warm-up
         sync()
         t = time.perf_counter()
@@ -144,20 +148,19 @@ def main():
 
     compiled = {}  # compile once (the first warm-up), then reuse the compiled network's code
 
-    def run_project(n):
+    def run_project(n, mode="off"):
         model, crit, opt = fresh()
         model = model.to(memory_format=torch.channels_last)
-        if args.compile != "off":
+        train_net = model
+        if mode != "off":
             if "net" not in compiled:
                 compiled["net"] = model
-                compiled["fn"] = compile_model(model, args.compile, device)
+                compiled["fn"] = compile_model(model, mode, device)
             compiled["net"].load_state_dict(model.state_dict())
             model, train_net = compiled["net"], compiled["fn"]
             opt = build_optimizer("adam", model, crit, 0.005)
-        else:
-            train_net = model
-        it = iter(proj_loader)
-        for _ in range(1 if args.compile == "off" else 3):  # warm-up (and compilation)
+        it = batches(proj_loader)
+        for _ in range(1 if mode == "off" else 3):  # warm-up (and compilation)
             imgs, y = next(it)
             training_step(train_net, crit, opt, imgs.contiguous(memory_format=torch.channels_last), y, amp=amp)
         sync()
@@ -173,27 +176,32 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    base, proj = [], []
+    # A/B rounds in one process: the authors'-style loop, the project's trainer, and with
+    # --compile the project's trainer compiled
+    names = ["authors-style"] * (not args.no_baseline) + ["project"]
+    names += [f"project + compile {args.compile}"] * (args.compile != "off")
+    results = {name: [] for name in names}
     for r in range(args.rounds):
-        if not args.no_baseline:
-            base.append(run_baseline(args.steps))
-        proj.append(run_project(args.steps))
-        print(f"round {r + 1}: " + (f"authors-style {base[-1]:.1f} images/s, " if base else "")
-              + f"project {proj[-1]:.1f} images/s")
-    q = statistics.median(proj)
-    if base:
-        b = statistics.median(base)
-        print(f"median: authors-style {b:.1f} images/s, project {q:.1f} images/s, ratio {q / b:.2f}x")
-    else:
-        print(f"median: project {q:.1f} images/s")
+        for name in names:
+            if name == "authors-style":
+                results[name].append(run_baseline(args.steps))
+            else:
+                results[name].append(run_project(args.steps, "off" if name == "project" else args.compile))
+        print(f"round {r + 1}: " + ", ".join(f"{name} {v[-1]:.1f} images/s" for name, v in results.items()))
+    med = {name: statistics.median(v) for name, v in results.items()}
+    line = "median: " + ", ".join(f"{name} {v:.1f} images/s" for name, v in med.items())
+    if "authors-style" in med:
+        line += f", ratio {med['project'] / med['authors-style']:.2f}x"
+    if args.compile != "off":
+        line += f", compiled / eager {med[names[-1]] / med['project']:.2f}x"
+    print(line)
     if args.thread_scaling:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         one = statistics.median(run_project(args.steps) for _ in range(args.rounds))
         torch.set_num_threads(threads)
-        print(f"project with 1 CPU thread: {one:.1f} images/s; with {threads}: {q:.1f} images/s "
-              f"({q / one:.2f}x)")
-
+        print(f"project with 1 CPU thread: {one:.1f} images/s; with {threads}: {med['project']:.1f} images/s "
+              f"({med['project'] / one:.2f}x)")
 
 if __name__ == "__main__":
     main()
