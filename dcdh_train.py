@@ -61,7 +61,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--compile", default="off", choices=COMPILE_MODES,
                    help="torch.compile the network for training: a torch.compile mode "
                    "(reduce-overhead adds CUDA graphs on a GPU) or off (default); compiling takes "
-                   "30-60 s at the start")
+                   "30-50 s at the start")
     p.add_argument("--eval-every", type=int, default=10, help="print mAP every N epochs and after the last (0: never)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue a run from PATH (default: <checkpoint-dir>/<save>.last.tar)")
@@ -326,6 +326,9 @@ def _train(args, dist_info):
              + (f", torch.compile mode {args.compile}" if args.compile != "off" else ""))
     log.info(f"[config] sigma {args.sigma}, inner_param {args.inner_param}, eta {args.eta}, seed {args.seed}; "
              f"best checkpoint -> {best_path}, log -> {log_path}")
+    if args.compile == "reduce-overhead" and device.type != "cuda":
+        log.info("[note] --compile reduce-overhead adds CUDA graphs on a GPU only; on the CPU it compiles "
+                 "as --compile default")
     if resume_path:
         log.info(f"[resume] from {resume_path}: {start_epoch} epochs done, best loss {best_loss:.4f} "
                  f"at epoch {best_epoch + 1}")

@@ -1,6 +1,6 @@
 """Every GPU check of the training-speed issue in one prepared run, for a short GPU lease.
 
-    python benchmarks/gpu_check.py --out "$OUT"                 # on the GPU machine (9 minutes)
+    python benchmarks/gpu_check.py --out "$OUT"                 # on the GPU machine (about 9 minutes)
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check  # the same stages, tiny, on the CPU
 
 Stages, in order of importance, each in its own process with a time limit within ``--budget``
@@ -22,7 +22,8 @@ saved after each):
    reduce-overhead) and at batch 1024.
 
 Writes ``gpu_check.log`` (everything printed), ``gpu_check.json`` (the figures) and
-``schedule.log`` (the training run's output, each line with seconds since its start) to ``--out``.
+``schedule.log`` (the training run's output, each line with seconds since its start) to ``--out``;
+exits 1 when a stage failed (a stage that ran out of time is recorded, not a failure).
 """
 import argparse
 import json
@@ -76,7 +77,7 @@ def _stage_correctness(device, smoke):
     codes, labels = torch.randn(256, bits), torch.randint(0, classes, (256,))
     t_cpu = criterion.terms(codes, labels)
     t_dev = copy.deepcopy(criterion).to(device).terms(codes.to(device), labels.to(device))
-    out["loss_terms_max_rel_gap"] = max(abs(float(t_cpu[k]) - float(t_dev[k])) / abs(float(t_cpu[k]))
+    out["loss_terms_max_rel_gap"] = max(abs(t_cpu[k].item() - t_dev[k].item()) / abs(t_cpu[k].item())
                                         for k in t_cpu)
 
     split = _random_split(2048 if smoke else 8192, classes)
@@ -205,13 +206,15 @@ def _speed(args, log, python, runs, limit, results, save):
     sizes = (["--images", "4096", "--steps", "2", "--rounds", "1"] if args.smoke
              else ["--steps", "100", "--rounds", "3"])
     for name, extra in runs:
+        if args.smoke:  # tiny sizes, whatever the run asks for
+            extra = [a for i, a in enumerate(extra) if a != "--steps" and (i == 0 or extra[i - 1] != "--steps")]
         seconds = limit()
         if seconds < 30:
             results.append({"run": name, "skipped": "out of time"})
             continue
         cmd = [python, "benchmarks/train_speed.py", "--device", args.device, *sizes, *extra]
-        if args.smoke and args.device == "cpu":
-            cmd.append("--amp")
+        if args.smoke and args.device == "cpu" and "--no-amp" not in extra:
+            cmd.append("--amp")  # bf16 on the CPU, as the GPU runs it
         log(f"$ {' '.join(cmd[1:])}")
         rc, lines, secs = _run(cmd, seconds, log)
         median = [l for _, l in lines if l.startswith("median:")]
@@ -235,7 +238,7 @@ def _schedule(args, log, python, seconds):
            "--compile", args.schedule_compile]
     if args.smoke:
         cmd += ["--epochs", "600", "--eval-every", "2"]
-    seconds = seconds - (time.perf_counter() - t)
+    seconds = min(args.schedule_seconds, seconds - (time.perf_counter() - t))
     log(f"$ {' '.join(cmd[1:])}  (stopped after {seconds:.0f} s)")
     try:
         rc, lines, secs = _run(cmd, seconds, log, os.path.join(args.out, "schedule.log"))
@@ -263,11 +266,22 @@ def main():
     p.add_argument("--budget", type=int, default=540, help="seconds for the whole run (default 540)")
     p.add_argument("--stage-seconds", type=int, default=150, help="time limit of each stage")
     p.add_argument("--schedule-seconds", type=int, default=180, help="time given to the schedule run")
-    p.add_argument("--schedule-compile", default="off", help="--compile value of the schedule run")
+    p.add_argument("--schedule-compile", default="off", choices=("off", "default", "reduce-overhead", "max-autotune"),
+                   help="--compile value of the schedule run (default off)")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage in-process
     args = p.parse_args()
     args.device = args.device or ("cpu" if args.smoke else "cuda")
     sys.path.insert(0, ROOT)
+    if args.budget < args.schedule_seconds + 150:
+        p.error(f"--budget {args.budget}: too small; it needs --schedule-seconds ({args.schedule_seconds}) "
+                "plus about 150 s for the checks and the first speed runs")
+    if not args.stage:
+        from utils.device import resolve_device
+        from utils.errors import UserInputError
+        try:
+            resolve_device(args.device)
+        except UserInputError as e:
+            p.error(f"{e}; gpu_check.py is for a GPU machine (--smoke runs its stages at toy sizes on the CPU)")
 
     if args.stage:  # child process: print one JSON line
         import torch
@@ -277,7 +291,7 @@ def main():
         return
 
     os.makedirs(args.out, exist_ok=True)
-    logfile = open(os.path.join(args.out, "gpu_check.log"), "a")
+    logfile = open(os.path.join(args.out, "gpu_check.log"), "w")
     summary_path = os.path.join(args.out, "gpu_check.json")
     summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": args.smoke}
 
@@ -316,8 +330,20 @@ def main():
     _speed(args, log, python, SPEED_RUNS["extra"], limit, summary["speed"], save)
     summary["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     summary["seconds"] = round(time.perf_counter() - began, 1)
+    failed = [s for s in ("env", "correctness") if "rc" in summary[s]]
+    checks = summary["correctness"]
+    if checks.get("training_step_host_syncs", "none") != "none":
+        failed.append("host syncs in training_step")
+    if checks.get("metrics_max_abs_gap", 0) > 1e-9 or checks.get("loss_terms_max_rel_gap", 0) > 1e-4:
+        failed.append("device results differ from the CPU's")
+    failed += [r["run"] for r in summary["speed"] if r.get("rc") not in (0, None)]
+    failed += ["schedule"] * (summary["schedule"]["rc"] not in (0, "timeout"))
+    summary["failed"] = failed
     save()
     log(json.dumps(summary, indent=1))
+    if failed:
+        log(f"FAILED: {', '.join(failed)} (see gpu_check.log)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
