@@ -52,11 +52,12 @@ def _stage_env(device):
 
 def _stage_correctness(device, smoke):
     import copy
+    import warnings
 
     import torch
 
     from data.device_loader import DeviceBatches
-    from dcdh_train import build_optimizer, training_step
+    from dcdh_train import build_optimizer, train_one_epoch, training_step
     from models import DCDHLoss, build_model
     from utils.metrics import retrieval_metrics
 
@@ -112,9 +113,6 @@ def _stage_correctness(device, smoke):
 
     # a whole epoch of dcdh_train.train_one_epoch: syncs expected only at its NaN checks (one per
     # 25 batches) and its end, counted as warnings
-    import warnings
-
-    from dcdh_train import train_one_epoch
     loader = DeviceBatches(split, 256, device, shuffle=True, drop_last=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -135,17 +133,10 @@ def _stage_correctness(device, smoke):
 def _random_split(n, classes):
     """A DDHSplit of n random uint8 32x32 images (the speed benchmarks' data)."""
     import numpy as np
-    import torch
 
     from data.ddh import DDHSplit
     rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-    split = DDHSplit.__new__(DDHSplit)
-    split.images = torch.from_numpy(raw)
-    split.labels = torch.from_numpy(rng.integers(0, classes, n))
-    split.mean, split.std = float(raw.mean()), float(raw.std())
-    split.scale = 0.1 / (split.std + 1e-5)
-    return split
+    return DDHSplit.from_arrays(rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, classes, n))
 
 
 def _run(cmd, seconds, log, stamp_to=None):

@@ -116,19 +116,13 @@ def main():
           f"{args.images} images, {args.classes} classes, {args.bits} bits, batch {args.bs}, amp {amp}, "
           f"compile {args.compile}, load average {os.getloadavg()[0]:.2f}")
 
-    # baseline data: the authors' float64, normalised once, HWC per sample
-    x = raw[:1] if args.no_baseline else raw
-    x = x.astype(np.float64)
-    x = np.clip((x - x.mean()) / (x.std() + 1e-5) * 0.1, -1, 1).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     PerSample, authors_step, _ = _authors_style(args.classes, args.bits, device)
-    base_loader = torch.utils.data.DataLoader(PerSample(x, labels[:len(x)]), batch_size=args.bs, shuffle=True)
+    if not args.no_baseline:  # baseline data: the authors' float64, normalised once, HWC per sample
+        x = raw.astype(np.float64)
+        x = np.clip((x - x.mean()) / (x.std() + 1e-5) * 0.1, -1, 1).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        base_loader = torch.utils.data.DataLoader(PerSample(x, labels), batch_size=args.bs, shuffle=True)
     # project data: uint8 split on the device
-    split = DDHSplit.__new__(DDHSplit)
-    split.images = torch.from_numpy(raw.reshape(-1, 3, 32, 32))
-    split.labels = torch.from_numpy(labels)
-    split.mean, split.std = float(raw.mean()), float(raw.std())
-    split.scale = 0.1 / (split.std + 1e-5)
-    proj_loader = DeviceBatches(split, args.bs, device, shuffle=True, drop_last=True)
+    proj_loader = DeviceBatches(DDHSplit.from_arrays(raw, labels), args.bs, device, shuffle=True, drop_last=True)
 
     def fresh():
         torch.manual_seed(0)

@@ -91,15 +91,30 @@ class DDHSplit(torch.utils.data.Dataset):
         data = np.concatenate([p[0] for p in parts])
         if len(data) == 0:
             raise UserInputError(f"{folder}: the split holds no images")
-        self.root, self.split, self.files = root, split, files
-        self.file_lengths = [len(p[0]) for p in parts]  # rows per file, in file order
+        self._hold(data, np.concatenate([p[1] for p in parts]), root, split, files,
+                   [len(p[0]) for p in parts])  # rows per file, in file order
+
+    @classmethod
+    def from_arrays(cls, data, labels, root="", split=""):
+        """A split from arrays already in memory (benchmarks, tests), normalised like a file's.
+
+        Args: data uint8 (or float) array (n, 3072) or (n, 3, 32, 32), channel-first; labels
+        int array (n,), used as class indices. Returns: DDHSplit.
+        """
+        data = np.asarray(data)
+        split_ = cls.__new__(cls)
+        split_._hold(data.reshape(len(data), -1), np.asarray(labels, dtype=np.int64), root, split, [], [len(data)])
+        return split_
+
+    def _hold(self, data, raw_labels, root, split, files, file_lengths):
+        self.root, self.split, self.files, self.file_lengths = root, split, files, file_lengths
         self.mean, self.std = _split_stats(data)
         self.scale = 0.1 / (self.std + 1e-5)
         if data.dtype != np.uint8:
             data = data.astype(np.float32)
         self.images = torch.from_numpy(np.ascontiguousarray(data).reshape(-1, 3, 32, 32))
-        self.raw_labels = np.concatenate([p[1] for p in parts])
-        self.labels = torch.from_numpy(self.raw_labels.copy())
+        self.raw_labels = raw_labels
+        self.labels = torch.from_numpy(raw_labels.copy())
 
     def __len__(self):
         return len(self.images)

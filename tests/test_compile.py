@@ -1,7 +1,6 @@
 """--compile: a compiled training step computes what the eager one does, checkpoints stay plain,
 and the loss traces into one graph (no data-dependent shapes, hence no host sync on a GPU)."""
 import copy
-import shutil
 
 import pytest
 import torch
@@ -10,10 +9,10 @@ from conftest import run_script
 from dcdh_train import build_optimizer, training_step
 from models import DCDHLoss, build_model
 from models.dcdh_loss import pull_loss, push_loss, quantization_loss
-from utils.device import compile_model
+from utils.device import compile_model, has_cxx_compiler
 from utils.errors import UserInputError
 
-needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+needs_cxx = pytest.mark.skipif(not has_cxx_compiler(),
                                reason="torch.compile on the CPU needs a C++ compiler on PATH")
 
 

@@ -195,3 +195,11 @@ def test_rgba_images_and_empty_identity_folder(tmp_path, capsys):
     assert label_map == ["a", "b"] and len(db) == 4
     assert db[0][0].shape == (3, 32, 32)
     assert "ignored 1 identity folder(s) without images: nobody" in capsys.readouterr().err
+
+
+def test_split_from_arrays_equals_split_from_files(synthetic_root):
+    from_files = DDHSplit(synthetic_root, "train")
+    in_memory = DDHSplit.from_arrays(from_files.images.numpy().reshape(len(from_files), -1), from_files.raw_labels)
+    assert (in_memory.mean, in_memory.std, in_memory.scale) == (from_files.mean, from_files.std, from_files.scale)
+    assert torch.equal(in_memory.images, from_files.images) and torch.equal(in_memory.labels, from_files.labels)
+    torch.testing.assert_close(in_memory[3][0], from_files[3][0], rtol=0, atol=0)

@@ -31,6 +31,11 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 """Values of ``--compile``: off, or a ``torch.compile`` mode (reduce-overhead adds CUDA graphs)."""
 
 
+def has_cxx_compiler():
+    """Whether a C++ compiler (c++, g++ or clang++) is on PATH, as torch.compile needs on the CPU."""
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
 def compile_model(model, mode, device):
     """``torch.compile(model, mode=mode, dynamic=False)``, or ``model`` itself for mode "off".
 
@@ -45,7 +50,7 @@ def compile_model(model, mode, device):
         raise UserInputError(f"--compile {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     if mode == "off":
         return model
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+    if device.type == "cpu" and not has_cxx_compiler():
         raise UserInputError(f"--compile {mode} on the CPU needs a C++ compiler (g++ or clang++) on PATH; "
                              "install one or use --compile off")
     if device.type == "cuda":
