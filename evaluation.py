@@ -2,7 +2,7 @@
 
     python evaluation.py --load model.tar --dataset facescrub --len 48
 
-The test split is the query set and the train split the database (DESIGN.md, retrieval
+The test split is the query set and the train split the database (docs/design.md, retrieval
 protocol). Binary codes are sign(network output) with 0 -> -1; ranking ties are broken by
 database index. ``evaluate(...)`` returns the metrics as a dict; nothing runs at import.
 """
@@ -11,12 +11,12 @@ import os
 
 import torch
 
+from engine.evaluate import encode, evaluate  # noqa: F401 (search.py imports encode from here)
 from data import DATASETS, DDHSplit, build_datasets, make_loader
 from models import BACKBONES, DEFAULT_IMAGE_SIZE, build_model, check_image_size, infer_backbone
 from utils.checkpoint import atomic_write, load_checkpoint, resolve_checkpoint
 from utils.device import resolve_device
 from utils.errors import OneLineArgumentParser, UserInputError, check_flag, exit_on_user_error
-from utils.metrics import binarize, default_curve_ranks, retrieval_metrics
 from utils.plots import write_curves
 
 
@@ -40,40 +40,6 @@ def get_args_parser(add_help=True):
     p.add_argument("--plot-dir", default=None, metavar="DIR",
                    help="write precision@N and PR-over-radius plots (PNG) and their CSV files to DIR")
     return p
-
-
-@torch.no_grad()
-def encode(model, loader, device):
-    """Binary codes of every image in ``loader``.
-
-    Returns: (codes float32 (N, K) of +-1 on ``device``, labels int64 (N,) on ``device``),
-    in the loader's order; codes = sign(h) with 0 -> -1 (DESIGN.md).
-    """
-    model.eval()
-    codes, labels = [], []
-    for images, y in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        h = model(images)
-        codes.append(binarize(h.float()))
-        labels.append(y.to(device))
-    return torch.cat(codes), torch.cat(labels)
-
-
-def evaluate(model, query_loader, database_loader, device, topk=(1, 5, 10), radius=2, curve_ranks=None):
-    """Encode queries and database, then compute the retrieval metrics of ``utils.metrics``.
-
-    ``curve_ranks`` (list of int or None): ranks of the precision@N / recall@N curves
-    (default 1, 5, 10, 20, 50, ... and the database size).
-
-    Returns: dict of plain values with keys ``map``, ``map_tie_aware``, ``precision_at_{k}``,
-    ``precision_radius_{r}``, ``recall_radius_{r}``, ``num_queries``, ``num_database``, ``bits``,
-    ``queries_without_relevant`` and ``curves``.
-    """
-    q_codes, q_labels = encode(model, query_loader, device)
-    db_codes, db_labels = encode(model, database_loader, device)
-    ranks = sorted(set(curve_ranks or default_curve_ranks(len(db_codes))) | set(topk))
-    return retrieval_metrics(q_codes, db_codes, q_labels, db_labels, topk=tuple(topk), radius=radius,
-                             curve_ranks=[r for r in ranks if r <= len(db_codes)])
 
 
 def load_hashing_model(path, device, bits=None, backbone=None):

@@ -39,6 +39,7 @@ from PIL import Image
 from data import DDH_LAYOUT, make_loader
 from data.ddh import DDHSplit
 from data.folder import FaceFolder, face_transforms, open_image
+from data.gallery_images import GalleryImages
 from evaluation import encode, load_hashing_model
 from models import DEFAULT_IMAGE_SIZE, check_image_size
 from utils.binary_index import BIT_ORDER, build_index, pack_codes, rank_topk, rank_within
@@ -434,7 +435,7 @@ def cmd_query(args):
         atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=2).encode()))
         print(f"results written to {args.json}")
     if args.sheet:
-        write_sheet(queries, args.sheet, max_results=args.topk or DEFAULT_TOPK)
+        write_sheet(queries, args.sheet, GalleryImages(), max_results=args.topk or DEFAULT_TOPK)
         print(f"contact sheet written to {args.sheet}")
     return out
 

@@ -10,7 +10,7 @@ saved after each):
 1. ``env``: torch version, device name.
 2. ``correctness``: ``utils.metrics.retrieval_metrics`` on the device against the CPU (same
    values), the DCDH loss terms on the device against the CPU, and 20 training steps of
-   ``dcdh_train.training_step`` under ``torch.cuda.set_sync_debug_mode("error")`` (a step that
+   ``engine.loop.training_step`` under ``torch.cuda.set_sync_debug_mode("error")`` (a step that
    waits for the GPU from the host fails this).
 3. ``speed``: ``benchmarks/train_speed.py`` at batch 256, authors'-style loop against the
    project's trainer, bf16 and fp32.
@@ -57,8 +57,10 @@ def _stage_correctness(device, smoke):
     import torch
 
     from data.device_loader import DeviceBatches
-    from dcdh_train import build_optimizer, train_one_epoch, training_step
-    from models import DCDHLoss, build_model
+    from engine.loop import train_one_epoch, training_step
+    from engine.recipes import build_optimizer
+    from methods.dcdh import DCDH
+    from models import build_model
     from utils.metrics import retrieval_metrics
 
     out = {}
@@ -74,10 +76,10 @@ def _stage_correctness(device, smoke):
     out["metrics_map_cpu"], out["metrics_map_device"] = on_cpu["map"], on_dev["map"]
 
     torch.manual_seed(0)
-    criterion = DCDHLoss(classes, bits)
+    criterion = DCDH(classes, bits)
     codes, labels = torch.randn(256, bits), torch.randint(0, classes, (256,))
-    t_cpu = criterion.terms(codes, labels)
-    t_dev = copy.deepcopy(criterion).to(device).terms(codes.to(device), labels.to(device))
+    t_cpu = criterion(codes, labels)
+    t_dev = copy.deepcopy(criterion).to(device)(codes.to(device), labels.to(device))
     out["loss_terms_max_rel_gap"] = max(abs(t_cpu[k].item() - t_dev[k].item()) / abs(t_cpu[k].item())
                                         for k in t_cpu)
 

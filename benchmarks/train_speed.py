@@ -9,7 +9,7 @@ data (67,177 images of 3x32x32, 530 identities), in the same process, alternatin
 * baseline (the authors' loop): per-sample Dataset of float64 HWC arrays + ToTensor,
   DataLoader(shuffle=True), fp32, W through ``inverse(Y^T Y + I)``, loss with their exp/sum form;
 * project: ``data.DeviceBatches`` (uint8 split on the device, normalised per batch),
-  channels_last, and ``dcdh_train.training_step`` (bf16 autocast on CUDA unless --no-amp;
+  channels_last, and ``engine.loop.training_step`` (bf16 autocast on CUDA unless --no-amp;
   ``--amp`` turns it on for the CPU too; ``--compile MODE`` adds torch.compile, whose
   compilation is done in an untimed warm-up).
 
@@ -95,8 +95,10 @@ def main():
 
     from data.ddh import DDHSplit
     from data.device_loader import DeviceBatches
-    from dcdh_train import build_optimizer, training_step
-    from models import DCDHLoss, build_model
+    from engine.loop import training_step
+    from engine.recipes import build_optimizer
+    from methods.dcdh import DCDH
+    from models import build_model
     from utils.device import compile_model, resolve_device
     from utils.errors import UserInputError
 
@@ -127,7 +129,7 @@ def main():
     def fresh():
         torch.manual_seed(0)
         model = build_model("dfhnet", args.bits).to(device)
-        crit = DCDHLoss(args.classes, args.bits).to(device)
+        crit = DCDH(args.classes, args.bits).to(device)
         return model, crit, build_optimizer("adam", model, crit, 0.005)
 
     def batches(loader):  # endless: a new shuffled pass when one runs out

@@ -98,22 +98,40 @@ def build_datasets(name, root, image_size=None):
     return database, queries, label_map
 
 
+class WithIndex(torch.utils.data.Dataset):
+    """``dataset`` whose items are ``(image, label, index)``, index = position in ``dataset``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
 def make_loader(dataset, batch_size, shuffle=False, drop_last=False, workers=0, generator=None,
-                device="cpu", sampler=None):
+                device="cpu", sampler=None, with_index=False):
     """Batches of ``dataset``: in-memory DDH splits straight from a tensor on ``device``
     (``DeviceBatches``), image folders through a torch DataLoader with ``workers`` processes.
 
     Args: batch_size (int > 0); shuffle (bool); drop_last (bool); workers (int >= 0, folders
     only); generator (torch.Generator or None) for the shuffle order; device: where DDH batches live;
-    sampler: a (Distributed)Sampler giving this process's indices (replaces ``shuffle``).
-    Returns: an iterable of ``(images float32 (B, 3, S, S), labels int64 (B,))`` with ``len()``.
+    sampler: a (Distributed)Sampler giving this process's indices (replaces ``shuffle``);
+    with_index: also yield each sample's position in ``dataset`` (int64 (B,)).
+    Returns: an iterable of ``(images float32 (B, 3, S, S), labels int64 (B,)[, index int64 (B,)])``
+    with ``len()``.
     """
     if isinstance(dataset, DDHSplit):
         if sampler is not None:
-            return DeviceBatches(dataset, batch_size, device, drop_last=drop_last,
+            return DeviceBatches(dataset, batch_size, device, drop_last=drop_last, with_index=with_index,
                                  indices=torch.as_tensor(list(sampler), dtype=torch.long))
         return DeviceBatches(dataset, batch_size, device, shuffle=shuffle, drop_last=drop_last,
-                             generator=generator)
+                             generator=generator, with_index=with_index)
+    if with_index:
+        dataset = WithIndex(dataset)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                                        sampler=sampler,
                                        drop_last=drop_last, num_workers=workers, generator=generator,

@@ -17,10 +17,13 @@ class DeviceBatches:
         drop_last (bool): drop an incomplete last batch.
         indices (LongTensor or None): iterate only these rows (a distributed shard), in order
             unless shuffled.
+        with_index (bool): also yield the rows' positions in the split, int64 (B,) on ``device``
+            (memory-bank methods store the batch's codes there).
     """
 
     def __init__(self, split, batch_size, device, shuffle=False, drop_last=False, generator=None,
-                 indices=None):
+                 indices=None, with_index=False):
+        self.with_index = with_index
         self.split, self.batch_size, self.device = split, int(batch_size), torch.device(device)
         self.shuffle, self.drop_last, self.generator = shuffle, drop_last, generator
         cache = split.__dict__.setdefault("_on_device", {})  # one copy per device, reused by every loader
@@ -42,4 +45,7 @@ class DeviceBatches:
         stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
         for start in range(0, stop, self.batch_size):
             idx = order[start:start + self.batch_size]
-            yield self.split.normalize(self.images[idx]), self.labels[idx]
+            if self.with_index:
+                yield self.split.normalize(self.images[idx]), self.labels[idx], idx
+            else:
+                yield self.split.normalize(self.images[idx]), self.labels[idx]

@@ -1,14 +1,13 @@
-"""Hashing networks and the DCDH loss.
+"""Hashing networks (networks only; the losses are in ``methods``).
 
 ``build_model(backbone, bits)`` is the one entry point the scripts use; ``infer_backbone``
 recognises a network from a checkpoint's state_dict (the authors' files carry no config).
 """
-from .dcdh_loss import DCDHLoss
 from .dfhnet import DFHNet
 from .spherenet import STAGE_UNITS, SphereNetHashing
 from .torchvision_backbones import MIN_IMAGE_SIZE, TorchvisionHashNet
 
-__all__ = ["BACKBONES", "DEFAULT_IMAGE_SIZE", "MIN_IMAGE_SIZE", "DCDHLoss", "DFHNet", "SphereNetHashing",
+__all__ = ["BACKBONES", "DEFAULT_IMAGE_SIZE", "MIN_IMAGE_SIZE", "DFHNet", "SphereNetHashing",
            "TorchvisionHashNet", "build_model", "check_image_size", "infer_backbone"]
 
 BACKBONES = ("dfhnet", "spherenet20", "spherenet64", "resnet18", "resnet50", "alexnet")

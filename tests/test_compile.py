@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from conftest import run_script
-from dcdh_train import build_optimizer, training_step
-from models import DCDHLoss, build_model
-from models.dcdh_loss import pull_loss, push_loss, quantization_loss
+from engine.loop import training_step
+from engine.recipes import build_optimizer
+from methods.dcdh import DCDH
+from models import build_model
+from methods.dcdh import pull_loss, push_loss, quantization_loss
 from utils.device import compile_model, has_cxx_compiler
 from utils.errors import UserInputError
 
@@ -44,7 +46,7 @@ def test_compiled_step_equals_eager_step():
     reordering amplified by sign() in the quantization term), so only step 2's total is compared."""
     torch.manual_seed(0)
     model = build_model("dfhnet", 12).to(memory_format=torch.channels_last)
-    criterion = DCDHLoss(8, 12)
+    criterion = DCDH(8, 12)
     twin, twin_criterion = copy.deepcopy(model), copy.deepcopy(criterion)
     initial = [p.detach().clone() for p in model.parameters()]
     compiled = compile_model(twin, "default", torch.device("cpu"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, needs_fixtures
-from models.dcdh_loss import (DCDHLoss, pull_loss, push_loss, quantization_loss, regression_codes,
+from methods.dcdh import (DCDH, pull_loss, push_loss, quantization_loss, regression_codes,
                               squared_distances)
 
 
@@ -103,15 +103,15 @@ def test_squared_distances_nonnegative():
 
 
 def test_labels_out_of_range_is_clear_error():
-    crit = DCDHLoss(3, 4)
+    crit = DCDH(3, 4)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
         crit(torch.randn(2, 4), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="at least 2"):
-        DCDHLoss(1, 4)
+        DCDH(1, 4)
 
 
 def test_state_dict_is_authors_format():
-    sd = DCDHLoss(299, 12).state_dict()
+    sd = DCDH(299, 12).state_dict()
     assert list(sd) == ["centers"] and tuple(sd["centers"].shape) == (299, 12)
 
 
@@ -119,13 +119,13 @@ def test_state_dict_is_authors_format():
 def test_matches_authors_loss_case():
     z = np.load(f"{FIXTURES}/loss_case.npz")
     c = len(z["centers"])
-    crit = DCDHLoss(c, z["x"].shape[1], sigma=float(z["sigma"]), inner_param=float(z["inner_param"]),
+    crit = DCDH(c, z["x"].shape[1], sigma=float(z["sigma"]), inner_param=float(z["inner_param"]),
                     eta=float(z["eta"]), authors_push_constant=True)
     with torch.no_grad():
         crit.centers.copy_(torch.from_numpy(z["centers"]))
     x = torch.tensor(z["x"], requires_grad=True)
     labels = torch.from_numpy(z["labels"])
-    terms = crit.terms(x, labels)
+    terms = crit(x, labels)
     # the authors' value is pull + lambda * push (their DualClasswiseLoss); quant is separate
     dual = terms["pull"] + crit.inner_param * terms["push"]
     assert dual.item() == pytest.approx(float(z["loss"]), abs=1e-5)
@@ -137,9 +137,9 @@ def test_matches_authors_loss_case():
     np.testing.assert_allclose(x.grad.numpy(), z["grad_x"], atol=1e-5)
     np.testing.assert_allclose(crit.centers.grad.numpy(), z["grad_centers"], atol=1e-5)
     # without the authors' constant the value differs by exactly lambda * log 2 / (C - 1)
-    plain = DCDHLoss(c, z["x"].shape[1], inner_param=float(z["inner_param"]))
+    plain = DCDH(c, z["x"].shape[1], inner_param=float(z["inner_param"]))
     with torch.no_grad():
         plain.centers.copy_(crit.centers)
-        t2 = plain.terms(x, labels)
+        t2 = plain(x, labels)
     gap = float(z["loss"]) - (t2["pull"] + plain.inner_param * t2["push"]).item()
     assert gap == pytest.approx(0.1 * math.log(2) / (c - 1), abs=1e-5)

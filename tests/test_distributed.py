@@ -27,11 +27,12 @@ def setup():
     isolates what this test checks — gradient averaging of the network and the class centers,
     and the regression W computed over the global batch.
     """
-    from dcdh_train import build_optimizer
-    from models import DCDHLoss, build_model
+    from engine.recipes import build_optimizer
+    from methods.dcdh import DCDH
+    from models import build_model
     torch.manual_seed(0)
     model = build_model("dfhnet", BITS).eval()
-    criterion = DCDHLoss(CLASSES, BITS)
+    criterion = DCDH(CLASSES, BITS)
     optimizer = build_optimizer("sgd", model, criterion, lr=0.05)
     g = torch.Generator().manual_seed(1)
     images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g).clamp(-1, 1)
@@ -51,7 +52,7 @@ def worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from dcdh_train import training_step
+        from engine.loop import training_step
         from utils.distributed import all_reduce_sum_
         model, criterion, optimizer, images, labels = setup()
         criterion.all_reduce = all_reduce_sum_
@@ -65,7 +66,7 @@ def worker(rank, world, port, out):
 
 
 def test_ddp_step_equals_single_process_step(tmp_path):
-    from dcdh_train import training_step
+    from engine.loop import training_step
     out = str(tmp_path / "ddp.pt")
     mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)["state"]

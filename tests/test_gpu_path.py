@@ -7,36 +7,14 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-import models.dcdh_loss
+import methods.dcdh
 from conftest import ROOT
-from dcdh_train import build_optimizer, training_step
-from models import DCDHLoss, build_model
-
-# aten operations whose result size or value the host must read back from a GPU
-HOST_READING_OPS = {"bincount", "nonzero", "_local_scalar_dense", "masked_select", "unique",
-                    "_unique", "_unique2", "unique_consecutive", "unique_dim", "is_nonzero", "equal",
-                    "repeat_interleave"}
-
-
-class HostReads(TorchDispatchMode):
-    """Records every aten call above that a step makes, and indexing with a boolean mask."""
-
-    def __init__(self):
-        super().__init__()
-        self.found = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        if name in HOST_READING_OPS:
-            self.found.append(name)
-        if name.startswith("index") and any(
-                isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool
-                                                     for t in a) for a in args):
-            self.found.append(f"{name} with a boolean mask")
-        return func(*args, **(kwargs or {}))
-
+from host_reads import HostReads
+from engine.loop import training_step
+from engine.recipes import build_optimizer
+from methods.dcdh import DCDH
+from models import build_model
 
 def test_host_reads_detector_catches_them():
     labels = torch.randint(0, 10, (16,))
@@ -50,10 +28,10 @@ def test_host_reads_detector_catches_them():
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_training_step_reads_nothing_back(monkeypatch, optimizer):
     # the label-range check reads labels only when they are on the CPU; on a GPU it is skipped
-    monkeypatch.setattr(models.dcdh_loss, "_check", lambda *a: None)
+    monkeypatch.setattr(methods.dcdh, "check_batch", lambda *a: None)
     torch.manual_seed(0)
     model = build_model("dfhnet", 12).to(memory_format=torch.channels_last)
-    criterion = DCDHLoss(8, 12)
+    criterion = DCDH(8, 12)
     opt = build_optimizer(optimizer, model, criterion, 0.005)
     images = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 8, (16,))
@@ -68,7 +46,7 @@ def test_training_step_reads_nothing_back(monkeypatch, optimizer):
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_fused_optimizer_equals_default(name):
     torch.manual_seed(0)
-    model, criterion = build_model("dfhnet", 12), DCDHLoss(8, 12)
+    model, criterion = build_model("dfhnet", 12), DCDH(8, 12)
     twin, twin_criterion = copy.deepcopy(model), copy.deepcopy(criterion)
     fused = build_optimizer(name, model, criterion, 0.005)
     plain = build_optimizer(name, twin, twin_criterion, 0.005)

@@ -213,7 +213,7 @@ def test_methods_and_chunk_sizes_agree(seed, q, n, k, classes, method):
 
 @pytest.mark.parametrize("seed,q,n,k,classes", [CASES[1], CASES[2], CASES[3], CASES[5]])
 def test_database_blocks_and_key_groups_give_the_same_results(monkeypatch, seed, q, n, k, classes):
-    import utils.metrics as um
+    import utils.metrics_engine as um
     qc, dc, ql, dl = random_case(seed, q, n, k, classes, extra_query_classes=1)
     ref = ref_all(qc.numpy(), dc.numpy(), ql.numpy(), dl.numpy(), ks=(1, 5), ranks=(3, 40))
     full = retrieval_metrics(qc, dc, ql, dl, topk=(1, 5), curve_ranks=(3, 40))

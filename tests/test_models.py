@@ -7,7 +7,7 @@ import torch
 
 from conftest import CELEBA_DDH, FIXTURES, needs_celeba_ddh, needs_fixtures
 from models import BACKBONES, build_model, check_image_size, infer_backbone
-from models.dcdh_loss import DCDHLoss
+from methods.dcdh import DCDH
 
 
 @needs_fixtures
@@ -15,7 +15,7 @@ from models.dcdh_loss import DCDHLoss
     ("DFHNet(12)", lambda: build_model("dfhnet", 12)),
     ("DFHNet(48)", lambda: build_model("dfhnet", 48)),
     ("SphereNet_hashing(num_layers=20, hashing_bits=48)", lambda: build_model("spherenet20", 48)),
-    ("DualClasswiseLoss(num_classes=299, feat_dim=12)", lambda: DCDHLoss(299, 12)),
+    ("DualClasswiseLoss(num_classes=299, feat_dim=12)", lambda: DCDH(299, 12)),
 ])
 def test_state_dict_names_and_shapes_match_authors(name, factory):
     ref = json.load(open(f"{FIXTURES}/reference_values.json"))["state_dict_shapes"][name]

@@ -10,7 +10,8 @@ from PIL import Image
 from conftest import CELEBA_DDH, FIXTURES, needs_celeba_ddh, needs_fixtures, run_script
 import search
 from utils import binary_index
-from models import DCDHLoss, build_model
+from methods.dcdh import DCDH
+from models import build_model
 from utils.checkpoint import save_checkpoint
 from utils.metrics import hamming_distance
 
@@ -20,7 +21,7 @@ def random_codes(rng, n, k):
 
 
 def brute_hamming(q, b):
-    """Unpacked Hamming distance of +-1 codes, (K - <q, b>) / 2 (DESIGN.md)."""
+    """Unpacked Hamming distance of +-1 codes, (K - <q, b>) / 2 (docs/design.md)."""
     k = q.shape[1]
     return ((k - q.astype(np.int64) @ b.astype(np.int64).T) // 2).astype(np.int64)
 
@@ -129,7 +130,7 @@ def test_bad_k_and_radius():
 
 def save_tiny_checkpoint(path, bits, classes=3, seed=0):
     torch.manual_seed(seed)
-    model, loss = build_model("dfhnet", bits), DCDHLoss(classes, bits)
+    model, loss = build_model("dfhnet", bits), DCDH(classes, bits)
     save_checkpoint({"backbone": model.state_dict(), "centers": loss.state_dict(),
                      "config": {"backbone": "dfhnet", "bits": bits, "image_size": 32}}, str(path))
     return str(path)

@@ -5,7 +5,7 @@ ceil(K / 8) bytes; the padding bits are 0 in every code, so the faiss Hamming di
 the unpacked ``(K - <q, b>) / 2`` also for K = 12 or 36. faiss's k-NN search does not order
 equal distances stably, so ``rank_topk`` uses it only to find the k-th smallest distance d_k,
 then ``range_search`` collects every item with distance <= d_k, sorted by (distance, index):
-equal distances come in database order (DESIGN.md), exactly, for any database size.
+equal distances come in database order (docs/design.md), exactly, for any database size.
 """
 import faiss
 import numpy as np

@@ -1,10 +1,11 @@
 """Checkpoints in the authors' format, written atomically and read safely.
 
-Format (DESIGN.md): ``torch.save`` of a dict with ``backbone`` (network state_dict) and
-``centers`` (the loss state_dict, one entry ``centers`` of shape (C, K)) — the authors'
-``dcdh_<dataset><bits>.tar`` files — plus, when written by this project, ``optimizer``,
+Format (docs/design.md): ``torch.save`` of a dict with ``backbone`` (network state_dict) and
+``centers`` (the method's state_dict; for DCDH one entry ``centers`` of shape (C, K)) — the
+authors' ``dcdh_<dataset><bits>.tar`` files — plus, when written by this project, ``optimizer``,
 ``epoch`` (epochs completed), ``best_loss``, ``best_epoch``, ``rng`` and ``config`` (plain
-types only: backbone, bits, image_size, dataset, num_classes, label_map, hyper-parameters).
+types only: method, method_args, backbone, bits, image_size, dataset, num_classes, label_map,
+recipe). A file whose config names no method is a DCDH checkpoint.
 """
 import os
 import pickle
@@ -65,7 +66,8 @@ def resolve_checkpoint(name, directory=DEFAULT_DIR):
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint with ``weights_only=True`` and check its layout.
 
-    Returns: the checkpoint dict (at least ``backbone`` and ``centers``).
+    Returns: the checkpoint dict (at least ``backbone`` and ``centers``; for DCDH, the method
+    when ``config`` names none, ``centers`` must hold a (C, K) tensor ``centers``).
     Raises: UserInputError when the file is missing, truncated or corrupt, carries anything
     other than tensors and plain values (a code payload is refused and never runs), or lacks
     the ``backbone``/``centers`` entries.
@@ -90,7 +92,11 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or "backbone" not in ckpt or "centers" not in ckpt:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserInputError(f"{path}: not a DCDH checkpoint (expected keys 'backbone' and 'centers', got {keys})")
-    centers = ckpt["centers"].get("centers") if isinstance(ckpt["centers"], dict) else None
-    if not isinstance(centers, torch.Tensor) or centers.dim() != 2:
-        raise UserInputError(f"{path}: 'centers' must hold a (C, K) tensor named 'centers'")
+    if not isinstance(ckpt["centers"], dict):
+        raise UserInputError(f"{path}: 'centers' must hold the method's state (a dict of tensors)")
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    if config.get("method", "dcdh") == "dcdh":  # the authors' files carry no method: DCDH
+        centers = ckpt["centers"].get("centers")
+        if not isinstance(centers, torch.Tensor) or centers.dim() != 2:
+            raise UserInputError(f"{path}: 'centers' must hold a (C, K) tensor named 'centers'")
     return ckpt

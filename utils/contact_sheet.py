@@ -4,49 +4,46 @@ import os
 
 import numpy as np
 
-from data.folder import open_image
-from data.safe_pickle import load_arrays
 from utils.checkpoint import atomic_write
 from utils.errors import UserInputError
 
 
-def _gallery_image(path, cache):
-    """An RGB uint8 (H, W, 3) array for a gallery path (an image file or ``file.pkl#row``)."""
-    if "#" in path and path.rsplit("#", 1)[0].endswith(".pkl"):
-        file, row = path.rsplit("#", 1)
-        if file not in cache:
-            cache[file] = np.asarray(load_arrays(file)[0])
-        x = cache[file][int(row)].reshape(3, 32, 32).transpose(1, 2, 0)
-        if x.dtype != np.uint8:
-            x = np.clip((x - x.min()) / max(float(x.max() - x.min()), 1e-12) * 255, 0, 255).astype(np.uint8)
-        return x
+def _result_image(load_image, path):
     try:
-        return np.asarray(open_image(path, flag="gallery image"))
+        return load_image(path)
     except UserInputError:
         return np.full((32, 32, 3), 128, np.uint8)  # moved or deleted since indexing
 
 
-def write_sheet(queries, path, max_results=None):
+def write_sheet(queries, path, load_image, max_results=None):
     """Write a PNG contact sheet: one row per query, the query image then its results.
 
+    Args:
+        queries: list of dicts ``image`` (path), ``identity`` (str or None) and ``results``
+            (list of dicts ``path``, ``identity``, ``distance``), as ``search.py query`` makes.
+        path: the PNG file to write (atomically).
+        load_image: callable ``path -> (H, W, 3)`` RGB image (array or PIL image) for query and
+            result paths, raising UserInputError when the file cannot be read (the search
+            script passes ``data.gallery_images.GalleryImages()``). A result whose image is
+            gone (moved or deleted since indexing) is shown as a gray square.
+        max_results: results shown per row at most (default: all); "+n" marks the rest.
+
     Results are titled with identity and distance; green title and border when the identity
-    equals the query's (known from its parent folder), neutral otherwise. At most
-    ``max_results`` (default: all) results per row. Written atomically.
+    equals the query's (known from its parent folder), neutral otherwise.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or window state
     cols = 1 + max([len(q["results"][:max_results]) for q in queries] + [1])
     fig = Figure(figsize=(1.5 * cols, 1.8 * len(queries)))
-    cache = {}
     axes = fig.subplots(len(queries), cols, squeeze=False)
     for row, q in zip(axes, queries):
         for ax in row:
             ax.axis("off")
-        row[0].imshow(np.asarray(open_image(q["image"])))
+        row[0].imshow(load_image(q["image"]))
         row[0].set_title(f"query\n{q['identity'] if q['identity'] is not None else os.path.basename(q['image'])}",
                          fontsize=8, fontweight="bold")
         shown = q["results"][:max_results]
         for ax, r in zip(row[1:], shown):
-            ax.imshow(_gallery_image(r["path"], cache))
+            ax.imshow(_result_image(load_image, r["path"]))
             same = q["identity"] is not None and r["identity"] == q["identity"]
             color = "green" if same else "black"
             ax.set_title(f"{r['identity']}\nd={r['distance']}", fontsize=8, color=color)

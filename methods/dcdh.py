@@ -1,4 +1,5 @@
-"""The DCDH objective (Zhang et al., Pattern Recognition 2021, Sec. 3, Eqs. 3-10).
+"""DCDH: Deep Center-Based Dual-Constrained Hashing (Zhang, Zhe, Chen, Yan, Pattern Recognition
+117, 107976, 2021, Sec. 3, Eqs. 3-10). Reference code: mzhang367/DCDH-PyTorch.
 
     L = L_pull + lambda * L_push + eta * L_quant
 
@@ -23,17 +24,7 @@ import torch.nn.functional as F
 
 from utils.metrics import binarize
 
-
-def _check(codes, labels, num_classes):
-    if codes.dim() != 2:
-        raise ValueError(f"codes must have shape (B, K), got {tuple(codes.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != codes.shape[0]:
-        raise ValueError(f"labels must have shape ({codes.shape[0]},), got {tuple(labels.shape)}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes - 1}], got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+from .base import HashingMethod, Hyper, check_batch
 
 
 def squared_distances(codes, centers):
@@ -109,51 +100,45 @@ def quantization_loss(codes, labels, num_classes, eta, all_reduce=None):
     return (codes - target).pow(2).sum() / codes.shape[0]
 
 
-class DCDHLoss(nn.Module):
+class DCDH(HashingMethod):
     """DCDH loss with learnable class centers (the authors' ``DualClasswiseLoss`` plus Eq. 10).
 
     The only state is the parameter ``centers`` (C, K), initialised N(0, 1), so
     ``state_dict()`` is the authors' checkpoint entry ``centers``.
 
     Args:
-        num_classes (int): C >= 2.  bits (int): K >= 1.
+        num_classes (int): C >= 2.  bits (int): K >= 1.  train_labels: unused.
         sigma (float): Gaussian width (paper 0.25).  inner_param (float): lambda, push weight (0.1).
         eta (float): quantization weight and regression mixing (0.01).
         authors_push_constant (bool): add the authors' constant to the push term.
 
-    ``forward(codes, labels)``: codes float (B, K), labels int64 (B,) in [0, C) -> scalar total loss.
-    ``terms(codes, labels)``: dict of scalar tensors ``pull``, ``push``, ``quant``, ``total``.
+    ``forward(codes, labels, index=None)``: codes float (B, K), labels int64 (B,) in [0, C)
+    -> dict of scalar tensors ``pull``, ``push``, ``quant``, ``total``
+    (``total = pull + inner_param * push + eta * quant``, Eq. 3).
 
     ``all_reduce`` (attribute, default None): in a distributed run, a function summing a tensor
     in place across processes; the regression W is then computed over the global batch.
 
     Raises: ValueError on bad sizes, shapes or labels out of range (labels checked on CPU).
     """
+    name = "dcdh"
+    hyperparameters = {
+        "sigma": Hyper(0.25, "Gaussian width of the pull term (Eq. 4)", positive=True),
+        "inner_param": Hyper(0.1, "lambda, weight of the center push term (Eq. 3)", minimum=0.0),
+        "eta": Hyper(0.01, "weight of the quantization term and regression mixing (Eqs. 3, 9)", minimum=0.0),
+        "authors_push_constant": Hyper(False, "add the authors' constant log2/(C-1) to the push term"),
+    }
 
-    def __init__(self, num_classes, bits, sigma=0.25, inner_param=0.1, eta=0.01,
-                 authors_push_constant=False):
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"DCDH needs at least 2 identities (classes), got {num_classes}")
-        if bits < 1:
-            raise ValueError(f"code length must be positive, got {bits}")
-        self.num_classes, self.bits = int(num_classes), int(bits)
-        self.sigma, self.inner_param, self.eta = float(sigma), float(inner_param), float(eta)
-        self.authors_push_constant = bool(authors_push_constant)
-        self.centers = nn.Parameter(torch.randn(num_classes, bits))
-        self.all_reduce = None  # set by a distributed trainer: W over the global batch
+    def __init__(self, num_classes, bits, train_labels=None, **hparams):
+        super().__init__(num_classes, bits, train_labels, **hparams)
+        self.sigma, self.inner_param = self.hparams["sigma"], self.hparams["inner_param"]
+        self.eta, self.authors_push_constant = self.hparams["eta"], self.hparams["authors_push_constant"]
+        self.centers = nn.Parameter(torch.randn(self.num_classes, self.bits))
 
-    def terms(self, codes, labels):
-        _check(codes, labels, self.num_classes)
+    def forward(self, codes, labels, index=None):
+        check_batch(codes, labels, self.num_classes, index)
         pull = pull_loss(codes, labels, self.centers, self.sigma)
         push = push_loss(self.centers, self.authors_push_constant)
         quant = quantization_loss(codes, labels, self.num_classes, self.eta, self.all_reduce)
         total = pull + self.inner_param * push + self.eta * quant
         return {"pull": pull, "push": push, "quant": quant, "total": total}
-
-    def forward(self, codes, labels):
-        return self.terms(codes, labels)["total"]
-
-    def extra_repr(self):
-        return (f"num_classes={self.num_classes}, bits={self.bits}, sigma={self.sigma}, "
-                f"inner_param={self.inner_param}, eta={self.eta}")

@@ -1,0 +1,33 @@
+"""Pictures of gallery items for display (the search contact sheet).
+
+A gallery path is an image file or a DDH row named ``/abs/file.pkl#row`` (how ``search.py``
+names the rows of DDH-layout galleries). ``GalleryImages`` turns either into an RGB uint8 array.
+"""
+import numpy as np
+
+from .folder import open_image
+from .safe_pickle import load_arrays
+
+
+class GalleryImages:
+    """Callable ``path -> (H, W, 3) uint8 array``; each DDH file is read once and kept.
+
+    Raises: UserInputError (from ``data.folder.open_image``) for an image file that is missing
+    or unreadable; the errors of ``data.safe_pickle.load_arrays`` for a DDH file.
+    """
+
+    def __init__(self):
+        self._files = {}
+
+    def __call__(self, path):
+        if "#" in path and path.rsplit("#", 1)[0].endswith(".pkl"):
+            return self._ddh_row(*path.rsplit("#", 1))
+        return np.asarray(open_image(path))
+
+    def _ddh_row(self, file, row):
+        if file not in self._files:
+            self._files[file] = np.asarray(load_arrays(file)[0])
+        x = self._files[file][int(row)].reshape(3, 32, 32).transpose(1, 2, 0)
+        if x.dtype != np.uint8:   # stretch other dtypes to 0..255 for display
+            x = np.clip((x - x.min()) / max(float(x.max() - x.min()), 1e-12) * 255, 0, 255).astype(np.uint8)
+        return x

@@ -1,0 +1,114 @@
+"""Where a run writes, what an epoch saves, and how ``--resume`` restores it.
+
+Two files per run: the best checkpoint (lowest epoch training loss, the authors' rule; never
+chosen by test metrics) and ``<name>.last.tar`` with the latest epoch for ``--resume``. Both
+hold the network (``backbone``), the method's state (``centers``: class centers, codebooks,
+memory banks), the optimizer, the epoch counters, the RNG state and the run's ``config``.
+"""
+import glob
+import math
+import os
+import tempfile
+
+import torch
+
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserInputError
+
+MUST_MATCH = ("method", "backbone", "bits", "num_classes", "image_size")
+"""Config entries a resumed run must share with the checkpoint it continues."""
+
+
+def output_paths(save, checkpoint_dir):
+    """(best checkpoint path, last-state path, log path) for ``--save save``.
+
+    ``save`` is a name under ``checkpoint_dir`` or, when it contains a folder, a path. The folder
+    is created; temporary files of a run killed while saving are removed.
+    Raises: UserInputError when the folder cannot be written or a target is a folder.
+    """
+    path = save if os.path.dirname(save) else os.path.join(checkpoint_dir, save)
+    folder = os.path.dirname(os.path.abspath(path))
+    blocker = folder
+    while blocker and not os.path.exists(blocker):
+        blocker = os.path.dirname(blocker)
+    if blocker and not os.path.isdir(blocker):
+        raise UserInputError(f"cannot write checkpoints to {folder}: {blocker} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserInputError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
+    stem, ext = os.path.splitext(path)
+    last = f"{stem}.last{ext or '.tar'}"
+    for target in (path, last, f"{stem}.log"):
+        if os.path.isdir(target):
+            raise UserInputError(f"--save: {target} is a folder; name a checkpoint file")
+    for target in (path, last):  # temporary files of a run killed while saving
+        for stale in glob.glob(os.path.join(folder, "." + glob.escape(os.path.basename(target)) + ".*.tmp")):
+            os.unlink(stale)
+    return path, last, f"{stem}.log"
+
+
+def find_resume(resume, best_path, last_path):
+    """The file ``--resume [PATH]`` continues from, or None when not resuming.
+
+    ``resume`` "auto" (the flag without a path) takes the last-state file, or the best file when
+    the run was killed before its first last-save. Raises: UserInputError if the file is missing.
+    """
+    if resume is None:
+        return None
+    path = resume
+    if resume == "auto":
+        path = last_path if os.path.isfile(last_path) or not os.path.isfile(best_path) else best_path
+    if not os.path.isfile(path):
+        raise UserInputError(f"--resume: no such checkpoint {path}")
+    return path
+
+
+def epoch_state(model, method, optimizer, epoch, best_loss, best_epoch, config):
+    """The dict saved after ``epoch`` (1-based count of epochs done)."""
+    return {"backbone": model.state_dict(), "centers": method.state_dict(),
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "best_loss": best_loss,
+            "best_epoch": best_epoch, "rng": torch.get_rng_state(), "config": config}
+
+
+def restore(path, model, method, optimizer, config, best_path):
+    """Load the run saved in ``path`` into ``model``, ``method`` and ``optimizer``.
+
+    The fused-optimizer flag of this build is kept (a file from an older, unfused version would
+    otherwise switch it off). A best file newer than ``path`` (a kill between the two saves)
+    supplies the best loss and epoch.
+
+    Returns: (epochs done, best loss, best epoch (0-based, -1 if none)).
+    Raises: UserInputError when the file holds no training state or another run's setup.
+    """
+    state = load_checkpoint(path)
+    old = dict(state.get("config") or {})
+    if "epoch" not in state or not old:
+        raise UserInputError(f"--resume {path}: holds no training state (epoch, optimizer, config); "
+                             "only checkpoints written by dcdh_train.py can be resumed")
+    old.setdefault("method", "dcdh")  # files from before the method registry
+    for key in MUST_MATCH:
+        if old.get(key) != config[key]:
+            raise UserInputError(f"--resume {path}: its {key} is {old.get(key)!r}, this run's is {config[key]!r}")
+    model.load_state_dict(state["backbone"])
+    try:
+        method.load_state_dict(state["centers"])
+    except RuntimeError as e:
+        raise UserInputError(f"--resume {path}: the method state does not fit ({str(e).splitlines()[0]})") from None
+    if "optimizer" in state:
+        saved = state["optimizer"]
+        for group in saved.get("param_groups", []):  # the saved flags would win: keep fused
+            group["fused"], group["foreach"] = True, None
+        optimizer.load_state_dict(saved)
+    done = int(state.get("epoch", 0))
+    best_loss = float(state.get("best_loss", math.inf))
+    best_epoch = int(state.get("best_epoch", -1))
+    if "rng" in state:
+        torch.set_rng_state(state["rng"])
+    if os.path.isfile(best_path) and os.path.abspath(best_path) != os.path.abspath(path):
+        best_state = load_checkpoint(best_path)
+        if float(best_state.get("best_loss", math.inf)) < best_loss:
+            best_loss, best_epoch = float(best_state["best_loss"]), int(best_state["best_epoch"])
+    return done, best_loss, best_epoch

@@ -1,0 +1,63 @@
+"""The hashing methods, one module each, behind one registry.
+
+``build_method(name, num_classes, bits, train_labels, **hparams)`` is what the training loop
+uses; ``parse_method_args`` turns ``--method-args key=value ...`` into typed hyperparameters.
+A new method is a module with a ``HashingMethod`` subclass (see ``methods.base``) and one
+line in ``METHODS``.
+"""
+from .base import FEATURES, HashingMethod, Hyper, resolve_hparams
+from .dcdh import DCDH
+from .dcwh import DCWH
+from .dpsh import DPSH
+from .dsdh import DSDH
+from .dtsh import DTSH
+
+METHODS = {
+    "dcdh": DCDH,
+    "dcwh": DCWH,
+    "dpsh": DPSH,
+    "dtsh": DTSH,
+    "dsdh": DSDH,
+}
+"""Registry: ``--method`` name -> HashingMethod subclass."""
+
+__all__ = ["FEATURES", "METHODS", "HashingMethod", "Hyper", "build_method", "method_class",
+           "parse_method_args", "resolve_hparams"]
+
+
+def method_class(name):
+    """The class registered as ``name``. Raises ValueError listing the known names."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def parse_method_args(name, items):
+    """Parse ``["key=value", ...]`` for method ``name`` into a dict of typed hyperparameters.
+
+    Raises: ValueError for an item without ``=``, a repeated or unknown key, or a bad value.
+    """
+    cls = method_class(name)
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"{item!r}: expected key=value")
+        if key in out:
+            raise ValueError(f"{key} is given twice")
+        if key not in cls.hyperparameters:
+            known = ", ".join(cls.hyperparameters) or "none"
+            raise ValueError(f"method {name} has no hyperparameter {key!r} (it has: {known})")
+        out[key] = cls.hyperparameters[key].parse(key, value)
+    return out
+
+
+def build_method(name, num_classes, bits, train_labels=None, **hparams):
+    """Build the method registered as ``name``.
+
+    Args: num_classes C >= 2; bits K >= 1; train_labels int64 (N,) class of every training
+    sample (memory-bank methods); hparams: typed hyperparameters (missing: paper defaults).
+    Returns: a HashingMethod. Raises: ValueError for an unknown name or bad hyperparameters.
+    """
+    return method_class(name)(num_classes, bits, train_labels=train_labels, **hparams)
