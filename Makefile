@@ -1,5 +1,6 @@
-# make demo  - create the virtual environment (first time), then train and evaluate a small model
-# make test  - create the virtual environment (first time), then run the test suite
+# make demo  - create the virtual environment (first time), then train, evaluate and search with a small model
+#              (DEMO_ARGS=--synthetic: the drawn synthetic faces even where ../shared exists)
+# make test  - create the virtual environment (first time), then run the test suite (-rs: skip reasons)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,10 +16,10 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: venv
-	$(PY) demo.py
+	$(PY) demo.py $(DEMO_ARGS)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 clean:
 	rm -rf demo_out .pytest_cache

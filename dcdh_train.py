@@ -21,10 +21,11 @@ import torch
 from data import DATASETS, DDHSplit, build_datasets, default_backbone, make_loader, training_view
 from engine.evaluate import evaluate
 from engine.loop import NonFiniteLoss, train_one_epoch
+from engine.preflight import check_memory, format_bytes
 from engine.recipes import OPTIMIZERS, build_optimizer, learning_rate, resolve_recipe
 from engine.state import epoch_state, find_resume, output_paths, restore
 from methods import METHODS, build_method, method_class, parse_method_args
-from models import BACKBONES, DEFAULT_IMAGE_SIZE, build_model, check_image_size
+from models import BACKBONES, DEFAULT_IMAGE_SIZE, TWO_BRANCH_BACKBONES, build_model, check_image_size
 from utils.checkpoint import DEFAULT_DIR, save_checkpoint
 from utils.device import COMPILE_MODES, compile_model, resolve_device
 from utils.distributed import all_reduce_sum_, barrier, cleanup, init_distributed
@@ -53,7 +54,7 @@ def get_args_parser(add_help=True):
     # ours
     p.add_argument("--method", default="dcdh", help=f"hashing method, one of {{{', '.join(METHODS)}}} (default dcdh)")
     p.add_argument("--method-args", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="the method's hyperparameters (see docs/methods.md); unknown keys are an error")
+                   help="the method's hyperparameters (see docs/methods.md; 'help' lists them); unknown keys are an error")
     p.add_argument("--data-root", default=None, help="dataset folder with train/ and test/ "
                    "(default ./FaceScrub, ./YouTube, ./vggface2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 600 with Adam, 150 with SGD, "
@@ -65,7 +66,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 for DDH, 2 for folders)")
     p.add_argument("--checkpoint-dir", default=DEFAULT_DIR, help="output folder (default ./checkpoint)")
     p.add_argument("--backbone", default=None, choices=BACKBONES,
-                   help="network (default dfhnet for 32x32 sets, spherenet20 for image folders)")
+                   help="network (default: the method's own if it requires one (ddah: ddahnet), else dfhnet "
+                   "for 32x32 sets, spherenet20 for image folders)")
     p.add_argument("--pretrained", action="store_true", help="torchvision backbones: ImageNet weights from the local cache")
     p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the backbone's)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
@@ -88,6 +90,20 @@ MAX_BITS = 1024
 """Longest code accepted by --len (the hash layer maps 1024 features to K bits)."""
 
 
+def describe_method(cls):
+    """The method's first docstring line and its hyperparameters with defaults (for --method-args help)."""
+    import inspect
+    doc = (inspect.getmodule(cls).__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    lines = [f"{cls.name}: {doc}", "hyperparameters (--method-args key=value):"]
+    for key, spec in cls.hyperparameters.items():
+        lines.append(f"  {key} (default {spec.default!r}): {spec.help}")
+    if not cls.hyperparameters:
+        lines.append("  none")
+    for feature, reason in cls.unsupported.items():
+        lines.append(f"not supported: {feature} ({reason})")
+    return "\n".join(lines)
+
+
 def method_hparams(args):
     """The method's hyperparameters from ``--method-args`` and the authors' flags (typed dict).
 
@@ -96,6 +112,9 @@ def method_hparams(args):
     """
     try:
         cls = method_class(args.method)
+        if args.method_args == ["help"]:
+            print(describe_method(cls))
+            sys.exit(0)
         hparams = parse_method_args(args.method, args.method_args)
     except ValueError as e:
         flag = "--method" if args.method not in METHODS else "--method-args"
@@ -163,7 +182,8 @@ def main(args):
 def _setup(args, hparams, world):
     """Resolve the run's network, input size, recipe and feature support (no I/O)."""
     method_cls = METHODS[args.method]
-    backbone = args.backbone or default_backbone(args.dataset, args.image_size)
+    backbone = args.backbone or method_cls.requires_backbone or default_backbone(args.dataset, args.image_size)
+    check_backbone(method_cls, backbone)
     image_size = args.image_size or DEFAULT_IMAGE_SIZE[backbone]
     try:
         check_image_size(backbone, image_size)
@@ -175,6 +195,20 @@ def _setup(args, hparams, world):
         raise UserInputError(f"--bs {args.bs} (the global batch) must be divisible by the {world} processes")
     amp_ok, notes = check_features(method_cls, world, args.amp, args.compile)
     return backbone, image_size, recipe, amp_ok, notes
+
+
+def check_backbone(method_cls, backbone):
+    """Refuse, in one line, a network the method cannot train: a method that requires its own
+    network (``requires_backbone``) on another one, or a two-branch network
+    (``models.TWO_BRANCH_BACKBONES``) under a method not built for it."""
+    required = method_cls.requires_backbone
+    if required and backbone != required:
+        raise UserInputError(f"--method {method_cls.name} trains its own network: use --backbone {required} "
+                             f"(or leave --backbone out), not {backbone}")
+    if backbone in TWO_BRANCH_BACKBONES and backbone != required:
+        owners = [name for name, cls in METHODS.items() if cls.requires_backbone == backbone]
+        raise UserInputError(f"--backbone {backbone} returns two branches' codes while training; only "
+                             f"--method {' or '.join(owners) or '(none)'} trains it, not {method_cls.name}")
 
 
 def _load_data(args, image_size):
@@ -219,6 +253,10 @@ def _train(args, hparams, dist_info):
     resume_path = find_resume(args.resume, best_path, last_path)
     database, queries, label_map, train_set = _load_data(args, image_size)
     num_classes, epochs, patience = len(label_map), recipe["epochs"], recipe["patience"]
+    # before the model is built and before any file is written: will the method fit the device?
+    mem_estimate, mem_free = check_memory(METHODS[args.method], num_classes, args.len, len(train_set),
+                                          args.bs // world, device, hparams,
+                                          processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device.type == "cpu" else 1)
 
     torch.manual_seed(args.seed)  # the same initial weights and method state in every process
     amp = amp_ok and (args.amp == "on" or (args.amp == "auto" and device.type == "cuda"))
@@ -254,6 +292,10 @@ def _train(args, hparams, dist_info):
     log.info(f"[config] method {args.method}: " + (", ".join(f"{k} {v}" for k, v in method.hparams.items())
                                                      or "no hyperparameters")
              + f"; seed {args.seed}; best checkpoint -> {best_path}, log -> {log_path}")
+    log.info(f"[config] memory of method {args.method} (its state and one step, network excluded): "
+             f"about {format_bytes(mem_estimate)} for {num_classes:,} identities, "
+             + (f"{format_bytes(mem_free)} available on {device}" if mem_free is not None
+                else f"available memory on {device} unknown"))
     if unsupported:
         log.info(f"[note] method {args.method} does not support: " + "; ".join(unsupported))
     if args.compile == "reduce-overhead" and device.type != "cuda":

@@ -348,12 +348,24 @@ def search(meta, index, packed_queries, topk=None, radius=None):
     return out
 
 
-def format_results(queries):
-    """Plain-text table of query results (list of dicts with ``image``, ``identity``, ``results``)."""
+def no_results_text(radius, sep=" "):
+    """What the table (``sep`` " ") and the contact sheet (``sep`` newline) say for a query with no results."""
+    return "no gallery item" if radius is None else f"no gallery item{sep}within Hamming{sep}radius {radius}"
+
+
+def format_results(queries, radius=None):
+    """Plain-text table of query results (list of dicts with ``image``, ``identity``, ``results``).
+
+    A query without results (possible with ``radius``, the ``--radius`` of the search) gets a
+    line saying so instead of an empty table.
+    """
     lines = []
     for n, q in enumerate(queries, 1):
         who = f"identity {q['identity']}" if q["identity"] is not None else "identity unknown"
         lines.append(f"query {n}/{len(queries)}: {q['image']} ({who}), {len(q['results'])} results")
+        if not q["results"]:
+            lines.append(f"  ({no_results_text(radius)})")
+            continue
         lines.append(f"  {'rank':>4}  {'dist':>4}  {'identity':<12}  path")
         for r in q["results"]:
             mark = " *" if q["identity"] is not None and r["identity"] == q["identity"] else ""
@@ -430,12 +442,13 @@ def cmd_query(args):
            "mode": "radius" if args.radius is not None else "topk",
            "topk": args.topk if args.radius is not None else (args.topk or DEFAULT_TOPK),
            "radius": args.radius, "queries": queries}
-    print(format_results(queries))
+    print(format_results(queries, args.radius))
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=2).encode()))
         print(f"results written to {args.json}")
     if args.sheet:
-        write_sheet(queries, args.sheet, GalleryImages(), max_results=args.topk or DEFAULT_TOPK)
+        write_sheet(queries, args.sheet, GalleryImages(), max_results=args.topk or DEFAULT_TOPK,
+                    empty_text=no_results_text(args.radius, sep="\n"))
         print(f"contact sheet written to {args.sheet}")
     return out
 

@@ -31,16 +31,52 @@ def default_backbone(name, image_size=None):
     return "spherenet20"
 
 
+SOURCES = {
+    "facescrub": "FaceScrub (530 identities) as released by the DDH authors",
+    "youtube": "YouTube Faces (1,595 identities) as released by the DDH authors",
+    "vggface2": "the DCDH authors' VGGFace2 subset",
+}
+"""Where the authors' data of each ``--dataset`` comes from (README, section Data)."""
+
+AUTHORS_REPO = "github.com/mzhang367/DCDH-PyTorch"
+
+
+def expected_layout(name):
+    """The files ``--dataset name`` expects under its root, in words."""
+    if name in DDH_LAYOUT:
+        return "train/*.pkl and test/*.pkl (the DDH layout: pickled (data, label) arrays of 32x32 faces)"
+    return "train/<identity>/* and test/<identity>/* (one folder of face images per identity)"
+
+
+def missing_root_message(name, root, given=True):
+    """What to do when the data folder of ``--dataset name`` is missing: the files it needs and their source."""
+    where = f"--data-root {root}" if given else f"{root} (the default folder of --dataset {name})"
+    msg = f"{where}: no such folder; expected a folder holding {expected_layout(name)}"
+    if name in SOURCES:
+        msg += (f". The authors' data: {SOURCES[name]}, linked from the DCDH authors' repository "
+                f"({AUTHORS_REPO}, section Data); download it and pass its folder with --data-root")
+    elif name == "ddh":
+        msg += "; any such set works (--dataset folder reads identity folders of images)"
+    else:
+        msg += "; for DDH pickles use --dataset ddh"
+    return msg + ". No data at hand? 'make demo' trains on drawn synthetic faces."
+
+
 def resolve_root(name, root):
-    """The dataset folder for ``--dataset name``; raises UserInputError if it does not exist."""
+    """The dataset folder for ``--dataset name``.
+
+    Raises: UserInputError if it is not given where needed or does not exist; the message names
+    the files the dataset needs and where the authors' data comes from.
+    """
     if name not in DATASETS:
         raise UserInputError(f"--dataset {name!r} is unknown; expected one of {', '.join(DATASETS)}")
+    given = root is not None
     if root is None:
         if name not in DEFAULT_ROOTS:
-            raise UserInputError(f"--dataset {name} needs --data-root (a folder with train/ and test/)")
+            raise UserInputError(f"--dataset {name} needs --data-root: a folder holding {expected_layout(name)}")
         root = DEFAULT_ROOTS[name]
     if not os.path.isdir(root):
-        raise UserInputError(f"--data-root {root}: no such folder (expected a folder with train/ and test/)")
+        raise UserInputError(missing_root_message(name, root, given))
     return root
 
 

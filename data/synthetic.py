@@ -1,6 +1,13 @@
-"""A small synthetic face-like set in the DDH layout, for the demo and tests when no real
-faces are available. Each identity is a random smooth 3x32x32 prototype; its images are
-the prototype with a random shift, brightness change and pixel noise, stored as uint8.
+"""Synthetic sets in the DDH layout, for when no real faces are available.
+
+``write_synthetic_ddh``: tiny and fast, for tests. Each identity is a random smooth 3x32x32
+prototype; its images are the prototype with a random shift, brightness change and pixel noise.
+
+``write_synthetic_faces``: drawn faces, for the demo. Each identity is a set of face parameters
+(``face_identities``: shape, colouring, hair, eyes, brows, nose, mouth, beard, glasses); each
+image draws that face with its own pose, expression, lighting, background and noise
+(``draw_faces``), so identities are learnable the way real ones are: from the face, across
+changes of everything else. Both store uint8 images.
 """
 import os
 import pickle
@@ -191,8 +198,8 @@ def write_synthetic_faces(root, identities=30, train_per_id=40, test_per_id=5, s
     identities apart means learning the face, not memorising a picture. Same file format as
     ``write_synthetic_ddh``. Returns: ``root``. Raises OSError if ``root`` cannot be written.
     """
-    rng = np.random.default_rng(seed)
     params = face_identities(identities, seed=seed)
+    rng = np.random.default_rng([seed, 1])  # the photos' stream, independent of the identities' stream
     for split, per_id, nfiles in (("train", train_per_id, files), ("test", test_per_id, 1)):
         labels = rng.permutation(np.repeat(np.arange(identities), per_id)).astype(np.int64)
         data = draw_faces(params, labels, rng).reshape(len(labels), -1)

@@ -20,7 +20,8 @@ def training_step(model, method, optimizer, images, labels, index=None, amp=Fals
     codes ``u``; ``method`` (a ``methods.HashingMethod``) turns ``(u, labels, index)`` into loss
     terms. The method's own parameters (class centers, ...) live outside DDP, so their gradients
     are averaged over processes here. ``amp``: bfloat16 autocast for the network; the method's
-    loss always runs in float32.
+    loss always runs in float32. ``optimizer`` is the shared torch optimizer or the object of the
+    method's ``build_optimizer`` hook (DDAH's two optimizers); the step is the same for both.
 
     Args: images float32 (B, 3, S, S); labels int64 (B,); index int64 (B,) positions in the
     training set or None. Returns: dict name -> 0-d float32 tensor (on the device; no host sync).

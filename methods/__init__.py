@@ -6,11 +6,15 @@ A new method is a module with a ``HashingMethod`` subclass (see ``methods.base``
 line in ``METHODS``.
 """
 from .base import FEATURES, HashingMethod, Hyper, resolve_hparams
+from .csq import CSQ
 from .dcdh import DCDH
 from .dcwh import DCWH
+from .ddah import DDAH
+from .ddh import DDH
 from .dpsh import DPSH
 from .dsdh import DSDH
 from .dtsh import DTSH
+from .orthohash import OrthoHash
 
 METHODS = {
     "dcdh": DCDH,
@@ -18,6 +22,10 @@ METHODS = {
     "dpsh": DPSH,
     "dtsh": DTSH,
     "dsdh": DSDH,
+    "csq": CSQ,
+    "orthohash": OrthoHash,
+    "ddh": DDH,
+    "ddah": DDAH,
 }
 """Registry: ``--method`` name -> HashingMethod subclass."""
 

@@ -24,6 +24,16 @@ Hooks the training loop calls (all optional):
   code update, DCWH's center recomputation).
 * ``all_reduce`` — attribute set by a distributed trainer to a function summing a tensor in
   place over processes; methods whose batch statistics must span the global batch use it.
+* ``build_optimizer(model, recipe)`` — the one hook for a method that needs its own optimisation
+  step (DDAH: two optimizers, a hinge whose gradient reaches one part of the network only).
+  Called once by ``engine.recipes.build_optimizer`` with the unwrapped network and the resolved
+  recipe (``lr`` already overridden); returns an optimizer-like object offering ``param_groups``
+  (the loop's learning-rate schedule sets ``group["lr"]``), ``zero_grad(set_to_none=True)``,
+  ``step()``, ``state_dict()`` and ``load_state_dict()`` (checkpoints, ``--resume``), e.g.
+  ``utils.optimizers.OptimizerSet``. The loop's step is unchanged: ``zero_grad``, backward of
+  ``terms["total"]``, ``step()``; what differs is done in ``step()`` (rescaling gradients from
+  statistics the method's forward left on the device, without host reads). The default
+  returns None: the shared optimizer (one group for the network, one for the method).
 
 Class attributes a method declares:
 
@@ -35,6 +45,16 @@ Class attributes a method declares:
   lr_factor, epochs, patience); ``{}`` keeps the backbone's default recipe.
 * ``unsupported``: ``{feature: reason}`` for training features the method cannot offer
   (features: ``"ddp"``, ``"amp"``, ``"compile"``); the trainer refuses them in one line.
+* ``requires_backbone`` (str or None): the network the method cannot do without (DDAH's
+  two-branch ``ddahnet``); the trainer uses it when ``--backbone`` is not given and refuses any
+  other in one line. None (the default): any backbone whose output is (B, K).
+
+Class method the trainer calls before building anything (``engine.preflight``):
+
+* ``memory_estimate(num_classes, bits, num_train, batch_size, hparams=None)`` — bytes of the
+  method's own state (with gradients and optimizer moments) plus one step's working memory, the
+  network excluded. The default assumes a (C, K) float32 learned state and a few (B, C) logit
+  tensors; methods whose memory grows otherwise (memory banks of N codes, pairwise terms) override it.
 """
 import math
 from dataclasses import dataclass
@@ -44,6 +64,13 @@ import torch.nn as nn
 
 FEATURES = ("ddp", "amp", "compile")
 """Training features a method may declare in ``unsupported``."""
+
+FLOAT32 = 4
+"""Bytes per float32 element, for ``memory_estimate``."""
+LOGIT_TENSORS = 8
+"""float32 (B, C) tensors alive at the peak of a step with a B x C class-score term: scores, the
+distance parts, log-softmax and the gradients of the backward pass (measured for DCDH's pull
+term with ``benchmarks/class_scale.py``)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +145,7 @@ class HashingMethod(nn.Module):
     hyperparameters = {}
     recipe = {}
     unsupported = {}
+    requires_backbone = None
 
     def __init__(self, num_classes, bits, train_labels=None, **hparams):
         super().__init__()
@@ -133,8 +161,26 @@ class HashingMethod(nn.Module):
     def forward(self, codes, labels, index=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def memory_estimate(cls, num_classes, bits, num_train, batch_size, hparams=None):
+        """Bytes the method needs beyond the network: its state and one step's working memory.
+
+        Args: num_classes C; bits K; num_train N (training samples); batch_size B (per process);
+        hparams: the run's hyperparameters (None: the paper defaults).
+        Returns: int. The default: a (C, K) float32 state with its gradient and two optimizer
+        moments (``4 C K`` floats) and ``LOGIT_TENSORS`` float32 (B, C) tensors (class scores,
+        softmax and their gradients). Overridden where the method's memory grows otherwise.
+        """
+        c, k, b = int(num_classes), int(bits), int(batch_size)
+        return FLOAT32 * (4 * c * k + LOGIT_TENSORS * b * c)
+
     def epoch_end(self):
         """Called after each training epoch under ``torch.no_grad()``; nothing by default."""
+
+    def build_optimizer(self, model, recipe):
+        """Hook: the method's own optimizer over ``model`` and its parameters (module docstring).
+        None by default: the shared optimizer of ``engine.recipes.build_optimizer``."""
+        return None
 
     def extra_repr(self):
         args = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
@@ -156,17 +202,44 @@ def resolve_hparams(cls, given):
     return out
 
 
-def check_batch(codes, labels, num_classes, index=None):
-    """Validate a batch: codes float (B, K), labels int (B,) in [0, C) (range checked on CPU
-    only, so no device sync), index int (B,) or None. Raises ValueError naming the problem."""
+CHECK_VALUES = True
+"""Check label and index ranges of CPU batches (a host read); tests that prove a step reads
+nothing back to the host switch it off. On a GPU the ranges are never checked."""
+
+
+def check_batch(codes, labels, num_classes, index=None, num_train=None, bits=None):
+    """Validate a batch and raise ValueError naming the problem.
+
+    Args: codes float (B, K) (K == ``bits`` when given); labels int (B,) in [0, C); index int64
+    (B,) or None; num_train: when given, the method keeps a memory bank of N training codes, so
+    ``index`` is required and must lie in [0, N). Value ranges are checked for CPU tensors only
+    (no device sync) and while ``CHECK_VALUES`` is true.
+    """
     if codes.dim() != 2:
         raise ValueError(f"codes must have shape (B, K), got {tuple(codes.shape)}")
+    if not codes.is_floating_point():
+        raise ValueError(f"codes must be a float tensor, got {codes.dtype}")
+    if bits is not None and codes.shape[1] != bits:
+        raise ValueError(f"codes must have {bits} columns (the code length), got {codes.shape[1]}")
     if labels.dim() != 1 or labels.shape[0] != codes.shape[0]:
         raise ValueError(f"labels must have shape ({codes.shape[0]},), got {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes - 1}], got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
-    if index is not None and (index.dim() != 1 or index.shape[0] != codes.shape[0]):
+    _check_range(labels, num_classes, "labels")
+    if index is None:
+        if num_train is not None:
+            raise ValueError("this method keeps a memory bank and needs index (positions in the training set)")
+        return
+    if index.dim() != 1 or index.shape[0] != codes.shape[0]:
         raise ValueError(f"index must have shape ({codes.shape[0]},), got {tuple(index.shape)}")
+    if index.dtype != torch.int64:
+        raise ValueError(f"index must be an int64 tensor, got {index.dtype}")
+    if num_train is not None:
+        _check_range(index, num_train, "index")
+
+
+def _check_range(values, upper, name):
+    if CHECK_VALUES and values.device.type == "cpu" and values.numel() and (
+            values.min() < 0 or values.max() >= upper):
+        raise ValueError(f"{name} must lie in [0, {upper - 1}], got range "
+                         f"[{int(values.min())}, {int(values.max())}]")

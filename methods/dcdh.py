@@ -4,7 +4,9 @@
     L = L_pull + lambda * L_push + eta * L_quant
 
 * ``pull_loss``   — Eq. 4-5: Gaussian class-center likelihood, ``-mean log p_iy``, via log_softmax.
-* ``push_loss``   — Eq. 6-7: pairwise separation of L2-normalised centers.
+* ``push_loss``   — Eq. 6-7: pairwise separation of L2-normalised centers, computed in blocks of
+  centers (``_BlockedPairSoftplus``): memory O(C x block), never a C x C tensor; time O(C^2 K).
+  ``push_loss_reference`` is the whole-matrix form it replaced (tests, benchmarks).
 * ``quantization_loss`` — Eq. 8-10: regression from one-hot labels to binary codes
   (W = per-class mean of sign(h), which equals pinv(Y^T Y) Y^T sign(h) for one-hot Y),
   B = sign(Y W + eta h), ``||h - B||^2 / batch``; W and B carry no gradient.
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 
 from utils.metrics import binarize
 
-from .base import HashingMethod, Hyper, check_batch
+from .base import FLOAT32, LOGIT_TENSORS, HashingMethod, Hyper, check_batch
 
 
 def squared_distances(codes, centers):
@@ -46,13 +48,98 @@ def pull_loss(codes, labels, centers, sigma):
     return F.cross_entropy(logits, labels)
 
 
-def push_loss(centers, authors_constant=False):
+PUSH_BLOCK_ELEMENTS = {"cpu": 2 ** 21, "other": 2 ** 24}
+"""Working-set budget of the blocked push term, ``block * C`` elements per block tensor: 8 MiB
+in float32 on the CPU (cache-sized blocks were fastest there, measured with one thread), 64 MiB
+on an accelerator (fewer, larger kernels; not measured here)."""
+PUSH_MIN_BLOCK = 64
+"""Fewest center rows per block: below about K rows, re-reading all C centers per block costs
+more than the block's own work."""
+
+
+def push_block_rows(num_classes, block=None, device="cpu"):
+    """Rows of centers per block of the push term: ``block`` when given (clipped to [1, C]), else
+    the device's ``PUSH_BLOCK_ELEMENTS // C`` clipped to [``PUSH_MIN_BLOCK``, C]."""
+    if block is None:
+        kind = "cpu" if torch.device(device).type == "cpu" else "other"
+        block = max(PUSH_MIN_BLOCK, PUSH_BLOCK_ELEMENTS[kind] // max(num_classes, 1))
+    return max(1, min(int(block), num_classes))
+
+
+def _push_block(unit, start, stop, scale):
+    """``theta = scale * unit[start:stop] @ unit^T`` (rows start..stop-1, all C columns) with the
+    block's diagonal entries ``theta[i, start + i]`` set to -inf in place through a strided view
+    (no mask tensor, no boolean indexing, no host read). Returns float (stop - start, C)."""
+    theta = torch.mm(unit[start:stop], unit.t()).mul_(scale)
+    theta[:, start:stop].diagonal().fill_(-math.inf)
+    return theta
+
+
+class _BlockedPairSoftplus(torch.autograd.Function):
+    """``S(U) = sum_{j != k} softplus(scale <U_j, U_k>)`` over the rows of U (C, K), in blocks of
+    ``block`` rows, without ever holding a C x C tensor.
+
+    Forward: per block, ``theta`` (block, C) with its diagonal at -inf (``softplus(-inf) = 0``
+    exactly), summed. Backward recomputes each block: theta is symmetric, so
+    ``dS/dU_j = 2 scale sum_{k != j} sigmoid(theta_jk) U_k``, i.e. ``2 scale sigmoid(theta) @ U``
+    with ``sigmoid(-inf) = 0`` on the diagonal. Memory O(C x block); time O(C^2 K) as before
+    (the backward pass recomputes the products, about 1.5x the work of keeping them).
+    Autocast is switched off inside: the term always runs in the dtype of U.
+    """
+
+    @staticmethod
+    def forward(ctx, unit, scale, block):
+        ctx.save_for_backward(unit)
+        ctx.scale, ctx.block = scale, block
+        c = unit.shape[0]
+        with torch.autocast(unit.device.type, enabled=False):
+            total = unit.new_zeros(())
+            for start in range(0, c, block):
+                stop = min(start + block, c)
+                total = total + F.softplus(_push_block(unit, start, stop, scale)).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (unit,) = ctx.saved_tensors
+        scale, block = ctx.scale, ctx.block
+        c = unit.shape[0]
+        with torch.autocast(unit.device.type, enabled=False):
+            grad = torch.empty_like(unit)
+            for start in range(0, c, block):
+                stop = min(start + block, c)
+                torch.mm(_push_block(unit, start, stop, scale).sigmoid_(), unit, out=grad[start:stop])
+            grad = grad.mul_(grad_output * (2.0 * scale))
+        return grad, None, None
+
+
+def push_loss(centers, authors_constant=False, block=None):
     """Push term (Eq. 7): ``sum_{j!=k} log(1 + exp(K/2 <m~_j, m~_k>)) / (C (C-1))``.
 
+    Computed in blocks of ``block`` centers (see ``_BlockedPairSoftplus``): memory O(C x block)
+    instead of O(C^2), time O(C^2 K) as before; value and gradients are those of
+    ``push_loss_reference`` (tested to 1e-6 relative).
+
     Args: centers float (C, K) with C >= 2; authors_constant: add ``log 2 / (C-1)``
-    (the authors' diagonal artefact). Returns a scalar tensor.
-    Raises: ValueError if C < 2.
+    (the authors' diagonal artefact); block: center rows per block (default
+    ``push_block_rows(C, device=centers.device)``: 2^21 / C on the CPU, 2^24 / C on a GPU,
+    at least ``PUSH_MIN_BLOCK``).
+    Returns a scalar tensor. Raises: ValueError if C < 2.
     """
+    c, k = centers.shape
+    if c < 2:
+        raise ValueError(f"the push term needs at least 2 class centers, got {c}")
+    unit = F.normalize(centers, dim=1)  # outside the Function: autograd differentiates it
+    loss = _BlockedPairSoftplus.apply(unit, 0.5 * k, push_block_rows(c, block, centers.device)) / (c * (c - 1))
+    if authors_constant:
+        loss = loss + math.log(2.0) / (c - 1)
+    return loss
+
+
+def push_loss_reference(centers, authors_constant=False):
+    """The push term with the whole C x C matrix (the implementation before the blocked one):
+    about 3.3 float32 C x C tensors and a C x C boolean mask per step. For tests and
+    ``benchmarks/class_scale.py``; same arguments and value as ``push_loss``."""
     c, k = centers.shape
     if c < 2:
         raise ValueError(f"the push term needs at least 2 class centers, got {c}")
@@ -134,6 +221,17 @@ class DCDH(HashingMethod):
         self.sigma, self.inner_param = self.hparams["sigma"], self.hparams["inner_param"]
         self.eta, self.authors_push_constant = self.hparams["eta"], self.hparams["authors_push_constant"]
         self.centers = nn.Parameter(torch.randn(self.num_classes, self.bits))
+
+    @classmethod
+    def memory_estimate(cls, num_classes, bits, num_train, batch_size, hparams=None):
+        """Bytes of DCDH's own memory for one step (see ``HashingMethod.memory_estimate``): the
+        centers with gradient and two Adam moments (4 C K floats), the normalised centers and
+        their gradients plus the regression sums (4 C K), three push blocks of
+        ``push_block_rows(C)`` x C (the accelerator's larger block, an upper bound on the CPU)
+        and ``LOGIT_TENSORS`` B x C tensors of the pull term. Linear in C."""
+        c, k, b = int(num_classes), int(bits), int(batch_size)
+        block = push_block_rows(c, device="cuda")
+        return FLOAT32 * (8 * c * k + 3 * block * c + LOGIT_TENSORS * b * c)
 
     def forward(self, codes, labels, index=None):
         check_batch(codes, labels, self.num_classes, index)

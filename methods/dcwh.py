@@ -99,7 +99,7 @@ import torch.nn.functional as F
 
 from utils.metrics import binarize
 
-from .base import HashingMethod, Hyper, check_batch
+from .base import FLOAT32, LOGIT_TENSORS, HashingMethod, Hyper, check_batch
 from .dcdh import pull_loss
 
 __all__ = ["DCWH", "cubic_loss", "vertex_loss"]
@@ -178,6 +178,16 @@ class DCWH(HashingMethod):
             self.register_buffer("epochs_done", torch.zeros((), dtype=torch.int64))
         else:
             self.centers = nn.Parameter(init)
+
+    @classmethod
+    def memory_estimate(cls, num_classes, bits, num_train, batch_size, hparams=None):
+        """Bytes of DCWH's own memory for one step: centers (C, K) with, when learned, their
+        gradient and two Adam moments, or, for mean centers, the per-class sums and counts; plus
+        ``LOGIT_TENSORS`` B x C tensors of the pull term. Linear in C."""
+        c, k, b = int(num_classes), int(bits), int(batch_size)
+        mean = (hparams or {}).get("centers", cls.hyperparameters["centers"].default) == "mean"
+        state = 2 * c * k + c if mean else 4 * c * k
+        return FLOAT32 * (state + LOGIT_TENSORS * b * c)
 
     def forward(self, codes, labels, index=None):
         check_batch(codes, labels, self.num_classes, index)

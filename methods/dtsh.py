@@ -86,13 +86,18 @@ Differences from the paper and the reference code (all deliberate, all stated):
 import torch
 import torch.nn.functional as F
 
-from .base import HashingMethod, Hyper
+from .base import FLOAT32, HashingMethod, Hyper
 from .dpsh import as_train_labels, check_inputs, quantization_error
 
 AUTHORS_ETA = 100.0
 """The authors' quantization weight (``DTSH.m``), against a per-anchor sum of triplets."""
 AUTHORS_TRIPLETS_PER_ANCHOR = 50 * 50 * 9
 """M1 * M2 * (classes - 1) in the authors' ``train_triplet.m`` on CIFAR-10."""
+
+
+TRIPLET_TENSORS = 4
+"""float32 (B, M1, M2) tensors alive at the peak of a DTSH step (t, -t, softplus, gradients; about
+3.2 measured with a 200,000-image bank, 256 x 48, beside the gathered rows)."""
 
 
 def triplet_loss(codes, bank, pos_idx, neg_idx, valid, alpha):
@@ -174,6 +179,19 @@ class DTSH(HashingMethod):
         self.register_buffer("order_rank", rank, persistent=False)
         self.register_buffer("bank", torch.zeros(labels.numel(), self.bits))
         self.generator = None
+
+    @classmethod
+    def memory_estimate(cls, num_classes, bits, num_train, batch_size, hparams=None):
+        """Bytes of DTSH's own memory for one step: the bank (N, K) float32 and three int64 (N,)
+        index arrays; per step the gathered bank rows (B, M1 + M2, K), the random draws and the
+        (B, M1, M2) triplet tensors (``TRIPLET_TENSORS`` float32). Linear in N."""
+        h = dict(hparams or {})
+        m1 = int(h.get("positives", cls.hyperparameters["positives"].default))
+        m2 = int(h.get("negatives", cls.hyperparameters["negatives"].default))
+        n, c, k, b = int(num_train), int(num_classes), int(bits), int(batch_size)
+        state = FLOAT32 * n * k + 3 * 8 * n + 2 * 8 * c
+        step = FLOAT32 * (2 * b * (m1 + m2) * k + TRIPLET_TENSORS * b * m1 * m2) + 3 * 8 * b * (m1 + m2)
+        return state + step
 
     @property
     def num_train(self):

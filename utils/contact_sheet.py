@@ -15,7 +15,7 @@ def _result_image(load_image, path):
         return np.full((32, 32, 3), 128, np.uint8)  # moved or deleted since indexing
 
 
-def write_sheet(queries, path, load_image, max_results=None):
+def write_sheet(queries, path, load_image, max_results=None, empty_text="no results"):
     """Write a PNG contact sheet: one row per query, the query image then its results.
 
     Args:
@@ -27,6 +27,8 @@ def write_sheet(queries, path, load_image, max_results=None):
             script passes ``data.gallery_images.GalleryImages()``). A result whose image is
             gone (moved or deleted since indexing) is shown as a gray square.
         max_results: results shown per row at most (default: all); "+n" marks the rest.
+        empty_text: written in the row of a query without results (``search.py`` passes
+            e.g. "no gallery item within Hamming radius 2").
 
     Results are titled with identity and distance; green title and border when the identity
     equals the query's (known from its parent folder), neutral otherwise.
@@ -42,6 +44,8 @@ def write_sheet(queries, path, load_image, max_results=None):
         row[0].set_title(f"query\n{q['identity'] if q['identity'] is not None else os.path.basename(q['image'])}",
                          fontsize=8, fontweight="bold")
         shown = q["results"][:max_results]
+        if not shown:
+            row[1].text(0.0, 0.5, empty_text, transform=row[1].transAxes, fontsize=9, va="center")
         for ax, r in zip(row[1:], shown):
             ax.imshow(_result_image(load_image, r["path"]))
             same = q["identity"] is not None and r["identity"] == q["identity"]

@@ -1,0 +1,350 @@
+"""Read an experiment file (TOML) and check it completely before anything trains.
+
+File format (docs/reproduce.md)::
+
+    name = "celeba299_cpu"          # default: the file name without .toml; the output folder
+    description = "..."             # optional, free text
+    dataset = "ddh"                 # a --dataset of dcdh_train.py
+    data_root = "../shared/data/celeba299-ddh32"   # relative to the current folder
+    methods = ["dcdh", "csq"]       # names of methods.METHODS
+    bits = [12, 24, 36, 48]
+    seeds = [0, 1, 2]
+    device = "cpu"                  # optional (default: cuda if available)
+    out = "runs"                    # optional: cells go to <out>/<name>/
+    figure_bits = 48                # optional: code length of the PR and precision@N figures
+
+    [train]                         # settings of every cell (default: each method's recipe)
+    epochs = 28
+    amp = "on"
+
+    [overrides.ddh]                 # one method's settings; they replace [train]'s
+    backbone = "ddhnet"
+    method_args = { weight_quant = 0.01 }
+
+Every problem is a ``UserInputError`` naming the file and the key (one line, exit 2).
+"""
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+from utils.errors import UserInputError
+
+TOP_KEYS = ("name", "description", "dataset", "data_root", "methods", "bits", "seeds", "device", "out",
+            "figure_bits", "train", "overrides")
+
+TRAIN_KEYS = {
+    # key: (dcdh_train.py flag, kind, minimum or choices)
+    "epochs": ("--epochs", "int", 1),
+    "patience": ("--patience", "int", 0),
+    "bs": ("--bs", "int", 1),
+    "lr": ("--lr", "float", None),
+    "optimizer": ("--optimizer", "choice", "OPTIMIZERS"),
+    "backbone": ("--backbone", "choice", "BACKBONES"),
+    "image_size": ("--image-size", "int", 1),
+    "pretrained": ("--pretrained", "bool", None),
+    "amp": ("--amp", "amp", None),
+    "compile": ("--compile", "choice", "COMPILE_MODES"),
+    "workers": ("--workers", "int", 0),
+}
+"""Keys of ``[train]`` and ``[overrides.<method>]`` (``method_args`` is overrides-only)."""
+
+NOT_COMPARED = ("data_root", "device", "workers")
+"""Settings a resumed or finished cell may change (another machine's paths and devices)."""
+
+
+@dataclass
+class Cell:
+    """One (method, bits, seed) of a grid: where it writes and how it is trained and evaluated."""
+    method: str
+    bits: int
+    seed: int
+    dir: str
+    train_flags: list            # dcdh_train.py arguments (absolute paths, no --resume)
+    eval_flags: list             # evaluation.py arguments (--load added by the cell)
+    settings: dict               # what must not change between attempts (see NOT_COMPARED)
+    backbone: str = ""
+    epochs: int = 0
+    amp: bool = False
+
+    @property
+    def name(self):
+        return f"{self.method}-{self.bits}b-s{self.seed}"
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+
+@dataclass
+class Experiment:
+    path: str
+    name: str
+    dataset: str
+    data_root: str
+    methods: list
+    bits: list
+    seeds: list
+    out_dir: str
+    description: str = ""
+    device: str = None
+    figure_bits: int = None
+    train: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
+    cells: list = field(default_factory=list)
+
+
+def _err(path, key, message):
+    return UserInputError(f"{path}: {key}: {message}")
+
+
+def _int_list(path, raw, key, low, high):
+    if key not in raw:
+        raise _err(path, key, "missing; expected a list of integers")
+    value = raw[key]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise _err(path, key, f"expected a list of integers, got {value!r}")
+    if not value:
+        raise _err(path, key, "empty list: the grid has no cells")
+    for v in value:
+        if not low <= v <= high:
+            raise _err(path, key, f"{v} is out of range {low}..{high}")
+    if len(set(value)) != len(value):
+        raise _err(path, key, f"{value} repeats a value")
+    return list(value)
+
+
+def _check_train_value(path, key, value, where):
+    """The dcdh_train.py flag(s) for one ``[train]``/``[overrides.M]`` entry."""
+    import models
+    from engine.recipes import OPTIMIZERS
+    from utils.device import COMPILE_MODES
+    choices = {"OPTIMIZERS": OPTIMIZERS, "BACKBONES": models.BACKBONES, "COMPILE_MODES": COMPILE_MODES}
+    full = f"{where}.{key}"
+    if key not in TRAIN_KEYS:
+        extra = ", method_args" if where.startswith("overrides") else ""
+        raise _err(path, full, f"unknown key; expected one of {', '.join(TRAIN_KEYS)}{extra}")
+    flag, kind, arg = TRAIN_KEYS[key]
+    if kind == "int":
+        if not isinstance(value, int) or isinstance(value, bool) or value < arg:
+            raise _err(path, full, f"{value!r}: expected an integer >= {arg}")
+        return [flag, str(value)]
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise _err(path, full, f"{value!r}: expected a positive number")
+        return [flag, repr(float(value))]
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _err(path, full, f"{value!r}: expected true or false")
+        return [flag] if value else []
+    if kind == "amp":
+        value = {True: "on", False: "off"}.get(value, value)
+        if value not in ("auto", "on", "off"):
+            raise _err(path, full, f"{value!r}: expected \"auto\", \"on\" or \"off\"")
+        return [flag, value]
+    if value not in choices[arg]:
+        raise _err(path, full, f"{value!r}: expected one of {', '.join(choices[arg])}")
+    return [flag, value]
+
+
+def _method_args(path, method, table):
+    """``method_args`` table -> ``["k=v", ...]``, checked against the method's hyperparameters."""
+    from methods import parse_method_args
+    key = f"overrides.{method}.method_args"
+    if not isinstance(table, dict):
+        raise _err(path, key, f"expected a table such as {{ key = value }}, got {table!r}")
+    items = []
+    for k, v in table.items():
+        if isinstance(v, (dict, list)):
+            raise _err(path, f"{key}.{k}", f"{v!r}: expected a number, a string or true/false")
+        items.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
+    try:
+        parse_method_args(method, items)
+    except ValueError as e:
+        raise _err(path, key, str(e)) from None
+    return items
+
+
+def _settings(path, raw, methods):
+    """Checked ``[train]`` and ``[overrides.M]`` tables: (train dict, {method: dict})."""
+    train = raw.get("train", {})
+    if not isinstance(train, dict):
+        raise _err(path, "train", "expected a table ([train])")
+    if "method_args" in train:
+        raise _err(path, "train.method_args", "set a method's hyperparameters in [overrides.<method>]")
+    for k, v in train.items():
+        _check_train_value(path, k, v, "train")
+    overrides = raw.get("overrides", {})
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise _err(path, "overrides", "expected tables [overrides.<method>]")
+    for method, table in overrides.items():
+        if method not in methods:
+            raise _err(path, f"overrides.{method}", f"{method!r} is not in methods ({', '.join(methods)})")
+        for k, v in table.items():
+            if k == "method_args":
+                _method_args(path, method, v)
+            else:
+                _check_train_value(path, k, v, f"overrides.{method}")
+    return dict(train), {m: dict(t) for m, t in overrides.items()}
+
+
+def _data_root(path, raw, dataset, override):
+    from data import DEFAULT_ROOTS, expected_layout
+    root = override or raw.get("data_root") or DEFAULT_ROOTS.get(dataset)
+    key = "--data-root" if override else "data_root"
+    if root is None:
+        raise _err(path, key, f"missing: --dataset {dataset} needs a folder holding {expected_layout(dataset)}")
+    if not isinstance(root, str):
+        raise _err(path, key, f"expected a folder name, got {root!r}")
+    full = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(full):
+        raise _err(path, key, f"{root}: no such folder (relative paths are taken from the current folder, "
+                   f"{os.getcwd()}); expected {expected_layout(dataset)}; pass another with --data-root")
+    for split in ("train", "test"):
+        if not os.path.isdir(os.path.join(full, split)):
+            raise _err(path, key, f"{root}: has no {split}/ folder; expected {expected_layout(dataset)}")
+    return full
+
+
+def load_experiment(path, data_root=None, device=None, out=None):
+    """Read and check ``path``; returns an ``Experiment`` with its cells in run order (seed by
+    seed, then code length, then method as listed).
+
+    ``data_root``, ``device``, ``out``: command-line values that replace the file's.
+    Raises: UserInputError naming the file and the key, before anything is written.
+    """
+    from data import DATASETS
+    from methods import METHODS
+    if not os.path.isfile(path):
+        raise UserInputError(f"{path}: no such experiment file")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserInputError(f"{path}: not valid TOML ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f"{path}: cannot read ({e})") from None
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        raise _err(path, unknown[0], f"unknown key; expected one of {', '.join(TOP_KEYS)}")
+    name = raw.get("name", os.path.splitext(os.path.basename(path))[0])
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise _err(path, "name", f"{name!r}: expected letters, digits, '.', '_' or '-' (it names a folder)")
+    dataset = raw.get("dataset")
+    if dataset not in DATASETS:
+        raise _err(path, "dataset", ("missing" if dataset is None else f"{dataset!r} is unknown")
+                   + f"; expected one of {', '.join(DATASETS)}")
+    methods = raw.get("methods")
+    if methods is None or not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+        raise _err(path, "methods", f"expected a list of method names, got {methods!r}")
+    if not methods:
+        raise _err(path, "methods", "empty list: the grid has no cells")
+    for m in methods:
+        if m not in METHODS:
+            raise _err(path, "methods", f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise _err(path, "methods", f"{methods} repeats a method")
+    from dcdh_train import MAX_BITS
+    bits = _int_list(path, raw, "bits", 1, MAX_BITS)
+    seeds = _int_list(path, raw, "seeds", 0, 2**31 - 1)
+    for key in ("description", "device", "out"):
+        if key in raw and not isinstance(raw[key], str):
+            raise _err(path, key, f"expected a string, got {raw[key]!r}")
+    figure_bits = raw.get("figure_bits")
+    if figure_bits is not None and figure_bits not in bits:
+        raise _err(path, "figure_bits", f"{figure_bits!r} is not one of bits {bits}")
+    train, overrides = _settings(path, raw, methods)
+    exp = Experiment(path=path, name=name, dataset=dataset, methods=methods, bits=bits, seeds=seeds,
+                     data_root=_data_root(path, raw, dataset, data_root),
+                     out_dir=os.path.abspath(os.path.join(out or raw.get("out", "runs"), name)),
+                     description=raw.get("description", ""), device=device or raw.get("device"),
+                     figure_bits=figure_bits, train=train, overrides=overrides)
+    # run order: seed by seed, so that a grid stopped part-way holds whole tables of the first seeds
+    exp.cells = [make_cell(exp, m, b, s) for s in seeds for b in bits for m in methods]
+    check_with_trainer(exp)
+    return exp
+
+
+def cell_options(exp, method):
+    """The method's settings: ``[train]`` with its ``[overrides.<method>]`` on top."""
+    return {**exp.train, **exp.overrides.get(method, {})}
+
+
+def make_cell(exp, method, bits, seed):
+    """The Cell of (method, bits, seed): its folder, its dcdh_train.py and evaluation.py flags."""
+    from data import default_backbone
+    from engine.recipes import resolve_recipe
+    from methods import METHODS
+    opts = cell_options(exp, method)
+    cell_dir = os.path.join(exp.out_dir, f"{method}-{bits}b-s{seed}")
+    flags = ["--method", method, "--len", str(bits), "--seed", str(seed), "--dataset", exp.dataset,
+             "--data-root", exp.data_root, "--save", os.path.join(cell_dir, "model.tar"),
+             "--checkpoint-dir", cell_dir, "--eval-every", "0"]
+    if exp.device:
+        flags += ["--device", exp.device]
+    where = f"overrides.{method}" if method in exp.overrides else "train"
+    for key, value in opts.items():
+        if key != "method_args":
+            flags += _check_train_value(exp.path, key, value, where)
+    if opts.get("method_args"):
+        flags += ["--method-args", *_method_args(exp.path, method, opts["method_args"])]
+    cls = METHODS[method]
+    backbone = opts.get("backbone") or cls.requires_backbone or default_backbone(exp.dataset, opts.get("image_size"))
+    try:
+        recipe = resolve_recipe(backbone, cls.recipe, optimizer=opts.get("optimizer"), lr=opts.get("lr"),
+                                epochs=opts.get("epochs"), patience=opts.get("patience"))
+    except ValueError as e:
+        raise _err(exp.path, where, str(e)) from None
+    amp = {True: "on", False: "off"}.get(opts.get("amp"), opts.get("amp", "auto"))
+    eval_flags = ["--dataset", exp.dataset, "--data-root", exp.data_root, "--bs", str(opts.get("bs", 256))]
+    if exp.device:
+        eval_flags += ["--device", exp.device]
+    if "workers" in opts:
+        eval_flags += ["--workers", str(opts["workers"])]
+    settings = {"dataset": exp.dataset, "method": method, "bits": bits, "seed": seed,
+                **{k: v for k, v in sorted(opts.items()) if k not in NOT_COMPARED}}
+    return Cell(method=method, bits=bits, seed=seed, dir=cell_dir, train_flags=flags, eval_flags=eval_flags,
+                settings=settings, backbone=backbone, epochs=recipe["epochs"], amp=amp)
+
+
+def check_with_trainer(exp):
+    """Run dcdh_train.py's own checks (flags, method, network, recipe, features) on every
+    distinct cell setup, so a combination it would refuse stops the grid before it starts."""
+    import contextlib
+    import io
+
+    import dcdh_train
+    seen = set()
+    for cell in exp.cells:
+        key = (cell.method, cell.bits)
+        if key in seen:
+            continue
+        seen.add(key)
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                args = dcdh_train.get_args_parser().parse_args(cell.train_flags)
+            # dcdh_train.py's argument checks and run setup (no I/O); see docs/reproduce.md
+            dcdh_train._setup(args, dcdh_train._check_args(args), 1)
+        except SystemExit:
+            message = err.getvalue().strip().split("error: ", 1)[-1]
+            raise UserInputError(f"{exp.path}: cell {cell.name}: {message}") from None
+        except UserInputError as e:
+            where = f"overrides.{cell.method}" if cell.method in exp.overrides else "train"
+            raise UserInputError(f"{exp.path}: {where} (cell {cell.name}): {e}") from None
+
+
+def select_shard(cells, shard):
+    """Every N-th cell from the I-th (``shard`` = (I, N)), in run order."""
+    if shard is None:
+        return list(cells)
+    i, n = shard
+    return [c for k, c in enumerate(cells) if k % n == i]
+
+
+def parse_shard(text):
+    """``"I/N"`` -> (I, N) with 0 <= I < N. Raises: UserInputError."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise UserInputError(f"--shard {text}: expected I/N with 0 <= I < N (e.g. 0/4; "
+                             "in a Slurm array: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return int(m.group(1)), int(m.group(2))

@@ -1,0 +1,300 @@
+"""Run the cells of a grid: skip finished ones, resume killed ones, N at once, one shard of many.
+
+Each cell runs in its own process (``python -m grid.cell``, see ``grid/cell.py``) with its output
+appended to ``<cell>/cell.out``. While it runs, its folder is locked (``<cell>/.lock``, an
+``flock`` that the cell's process shares and holds until it ends, even if this runner is killed),
+so a second runner on the same folder (a rerun, another shard, a job array on a shared file
+system) leaves it alone. A failing cell is reported with the last line of its output and the
+others go on. After every finished cell the report (``grid.report``) is rewritten.
+"""
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+from utils.checkpoint import atomic_write
+from utils.errors import UserInputError
+
+from . import estimate, report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def code_version():
+    """``git rev-parse --short HEAD`` of this checkout, ``-dirty`` with uncommitted changes,
+    or ``unknown`` outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=30)
+        if head.returncode:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def lock(cell):
+    """An fd holding the cell's lock, or None when another process holds it."""
+    os.makedirs(cell.dir, exist_ok=True)
+    fd = os.open(cell.path(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def status(cell, check_lock=True):
+    """(``finished`` | ``running`` | ``partial`` | ``todo``, epochs done per the log).
+
+    ``check_lock`` False: the caller holds the lock (a second flock would see it as taken)."""
+    if os.path.isfile(cell.path("metrics.json")):
+        return "finished", cell.epochs
+    if check_lock and os.path.isfile(cell.path(".lock")):
+        fd = lock(cell)
+        if fd is None:
+            return "running", estimate.read_log(cell.path("model.log"))[1]
+        os.close(fd)
+    done = estimate.read_log(cell.path("model.log"))[1]
+    started = done or os.path.isfile(cell.path("model.last.tar")) or os.path.isfile(cell.path("model.tar"))
+    return ("partial" if started else "todo"), done
+
+
+def cell_spec(exp, cell):
+    return {"experiment": exp.name, "cell": cell.name, "method": cell.method, "bits": cell.bits,
+            "seed": cell.seed, "dataset": exp.dataset, "data_root": exp.data_root, "device": exp.device,
+            "train_flags": cell.train_flags, "eval_flags": cell.eval_flags, "settings": cell.settings}
+
+
+def check_settings(cells):
+    """Refuse to continue cells started with other settings (epochs, lr, method_args, ...)."""
+    for cell in cells:
+        try:
+            with open(cell.path("cell.json")) as f:
+                old = json.load(f)["settings"]
+        except (OSError, ValueError, KeyError):
+            continue
+        new = json.loads(json.dumps(cell.settings))
+        if old != new:
+            diff = ", ".join(f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            raise UserInputError(f"{cell.dir}: this cell was started with other settings ({diff}); give the "
+                                 "experiment another name (or --out), or delete the folder to start it again")
+
+
+def display(path):
+    """``path`` relative to the current folder when inside it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def last_line(path):
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4000))
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else "(no output)"
+    except OSError:
+        return "(no output)"
+
+
+class Runner:
+    """Run ``cells`` of ``exp``, ``jobs`` at once; ``say`` prints a line."""
+
+    def __init__(self, exp, cells, jobs=1, say=print):
+        self.exp, self.cells, self.jobs = exp, cells, jobs
+        self.version = code_version()
+        self._lock = threading.Lock()
+        self._say, self.procs, self.stop = say, set(), False
+        self.finished, self.failed, self.running, self.elsewhere, self.trained = 0, [], 0, [], 0
+        self.durations, self.estimates = [], {}
+
+    def say(self, line):
+        with self._lock:
+            self._say(line)
+
+    def env(self):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.jobs > 1 and "OMP_NUM_THREADS" not in env and estimate.device_type(self.exp) == "cpu":
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))  # share the cores
+        return env
+
+    def progress(self):
+        total = len(self.cells)
+        left = total - self.finished - len(self.failed) - self.running - len(self.elsewhere)
+        if self.durations:
+            eta = sum(self.durations) / len(self.durations) * (left + 0.5 * self.running) / self.jobs
+        else:
+            pending = [self.estimates.get(c.name) for c in self._pending]
+            eta = sum(pending) / self.jobs if pending and None not in pending else None
+        failed = f", {len(self.failed)} failed" if self.failed else ""
+        return (f"[{self.finished}/{total} done, {self.running} running, {left} left{failed}; "
+                f"about {estimate.format_duration(eta)} left]")
+
+    def run_cell(self, cell):
+        """Run one cell in its own process; returns (cell, outcome, seconds, message)."""
+        if self.stop:
+            return cell, "cancelled", 0.0, ""
+        fd = lock(cell)
+        if fd is None:
+            return cell, "elsewhere", 0.0, "its folder is locked by another running process"
+        try:
+            if os.path.isfile(cell.path("metrics.json")):
+                return cell, "finished-before", 0.0, ""
+            state, done = status(cell, check_lock=False)
+            spec = cell_spec(self.exp, cell)
+            atomic_write(cell.path("cell.json"), lambda f: f.write(json.dumps(spec, indent=2).encode()))
+            with self._lock:
+                self.running += 1
+            what = (f"resuming after epoch {done}/{cell.epochs}" if state == "partial"
+                    else f"{cell.epochs} epoch{'s' if cell.epochs != 1 else ''}")
+            self.say(f"{self.progress()} start {cell.name} ({what}); output in {display(cell.path('cell.out'))}")
+            start = time.time()
+            with open(cell.path("cell.out"), "ab") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "grid.cell", cell.dir, self.version], cwd=ROOT,
+                                        stdout=out, stderr=subprocess.STDOUT, pass_fds=(fd,), env=self.env())
+                with self._lock:
+                    self.procs.add(proc)
+                rc = proc.wait()
+                with self._lock:
+                    self.procs.discard(proc)
+            seconds = time.time() - start
+            with self._lock:
+                self.running -= 1
+            if rc == 0 and os.path.isfile(cell.path("metrics.json")):
+                return cell, "finished", seconds, ""
+            return cell, "failed", seconds, f"exit status {rc}: {last_line(cell.path('cell.out'))}"
+        finally:
+            os.close(fd)
+
+    def run(self, estimates=None):
+        """Run every cell not finished yet; returns the number of failed cells."""
+        self.estimates = estimates or {}
+        states = {c.name: status(c)[0] for c in self.cells}
+        self.finished = sum(s == "finished" for s in states.values())
+        self._pending = [c for c in self.cells if states[c.name] != "finished"]
+        if not self._pending:
+            self.say(f"{self.exp.name}: nothing to run: all {len(self.cells)} cells are finished")
+            self.write_report()
+            return 0
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminated) if main else None  # kill -TERM stops the cells too
+        try:
+            futures = [pool.submit(self.run_cell, c) for c in self._pending]  # started in this order
+            while futures:
+                done, pending = wait(futures, return_when=FIRST_COMPLETED)
+                futures = [f for f in futures if f in pending]
+                for fut in done:
+                    self.record(*fut.result())
+        except BaseException:
+            self.stop = True
+            with self._lock:
+                running = list(self.procs)
+                for proc in running:
+                    proc.terminate()  # the cells resume from their last epoch next time
+            self._say(f"{self.exp.name}: stopped; {len(running)} running cell(s) ended; "
+                      "the same command resumes them")
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+        pool.shutdown(wait=True)
+        self.summary()
+        return len(self.failed)
+
+    def record(self, cell, outcome, seconds, message):
+        self._pending = [c for c in self._pending if c is not cell]
+        if outcome == "finished":
+            self.finished += 1
+            self.trained += 1
+            self.durations.append(seconds)
+            m = report.read_metrics(cell)
+            figures = (f": mAP {100 * m['metrics']['map']:.2f}%, precision/recall within radius 2 "
+                       f"{100 * m['metrics']['precision_radius_2']:.2f}%/{100 * m['metrics']['recall_radius_2']:.2f}%, "
+                       f"best of {m['epochs_run']} epoch{'s' if m['epochs_run'] != 1 else ''} at epoch "
+                       f"{m['best_epoch']}") if m else ""
+            self.say(f"{self.progress()} finished {cell.name} in {estimate.format_duration(seconds)}{figures}")
+            self.write_report()
+        elif outcome == "finished-before":
+            self.finished += 1
+        elif outcome == "failed":
+            self.failed.append((cell, message))
+            self.say(f"{self.progress()} FAILED {cell.name} ({message}); see {display(cell.path('cell.out'))}")
+        elif outcome == "elsewhere":
+            self.elsewhere.append(cell)
+            self.say(f"{self.progress()} skipped {cell.name}: {message}")
+
+    def write_report(self):
+        try:
+            paths = report.write_report(self.exp)
+        except Exception as e:  # a figure must never stop the grid
+            self.say(f"warning: the report could not be written ({type(e).__name__}: {e})")
+            return []
+        return paths
+
+    def summary(self):
+        rel = display(self.exp.out_dir)
+        self.say(f"{self.exp.name}: {self.trained} cell(s) run, {len(self.failed)} failed, "
+                 f"{len(self.elsewhere)} running elsewhere, {self.finished} of {len(self.cells)} finished; "
+                 f"results in {os.path.join(rel, 'results.csv')}")
+        for cell, message in self.failed:
+            self.say(f"  failed: {cell.name}: {message} (rerun the same command to retry it)")
+
+
+def plan(exp, cells, jobs=1, shard=None):
+    """The dry-run listing of ``cells`` and each unfinished cell's estimated seconds (or None).
+
+    Returns: (list of lines, {cell name: seconds or None}).
+    """
+    n_images = estimate.count_train_images(exp.dataset, exp.data_root)
+    speeds, dev = estimate.measured(exp), estimate.device_type(exp)
+    grid = (f"{len(exp.methods)} method(s) x {len(exp.bits)} code length(s) x {len(exp.seeds)} seed(s) "
+            f"= {len(exp.cells)} cells")
+    lines = [f"{exp.name}: {grid}" + (f"; shard {shard[0]}/{shard[1]}: {len(cells)} of them" if shard else "")
+             + f" -> {display(exp.out_dir)}",
+             f"data: {exp.dataset} in {exp.data_root}, "
+             + (f"{n_images:,} training images" if n_images else "training images not counted")
+             + f"; device {exp.device or dev}",
+             f"{'cell':<22} {'status':<22} {'epochs':>6}  {'images/s':<24} estimate"]
+    estimates, total, unknown, counts = {}, 0.0, 0, {}
+    for cell in cells:
+        state, done = status(cell)
+        counts[state] = counts.get(state, 0) + 1
+        ips, source = estimate.cell_speed(cell, speeds, dev)
+        shown = {"finished": "finished", "running": f"running (epoch {done})", "todo": "to train",
+                 "partial": f"to resume (epoch {done})"}[state]
+        if state == "finished":
+            seconds = 0.0
+        else:
+            seconds, _ = estimate.cell_estimate(cell, n_images, speeds, dev, done)
+            estimates[cell.name] = seconds
+            if state != "running":
+                total, unknown = (total + seconds, unknown) if seconds is not None else (total, unknown + 1)
+        speed = f"{ips:.0f} ({source})" if ips else source
+        lines.append(f"{cell.name:<22} {shown:<22} {cell.epochs:>6}  {speed:<24} "
+                     + ("-" if state == "finished" else estimate.format_duration(seconds)))
+    to_run = counts.get("todo", 0) + counts.get("partial", 0)
+    eval_note = ("evaluation at its measured time" if speeds.get("eval_s") is not None
+                 else f"start-up and evaluation {estimate.OVERHEAD_S:.0f} s a cell until a cell has finished")
+    when = f"about {estimate.format_duration(total / jobs)} with {jobs} at once"
+    if unknown:
+        when = (f"unknown for {unknown} cell(s) (no measured or default speed for their network and device: "
+                "run one cell first)" + (f"; the others {when}" if total else ""))
+    lines.append(f"total: {to_run} cell(s) to run ({counts.get('finished', 0)} finished, "
+                 f"{counts.get('running', 0)} running elsewhere): {when}. Estimates are training images x "
+                 f"epochs / images/s, {eval_note}; early stopping can end a cell sooner.")
+    return lines, estimates

@@ -1,0 +1,236 @@
+"""reproduce.py and grid/: a tiny experiment end to end (every output file, shards that cover every
+cell once, a rerun that trains nothing, kill -9 mid-cell then a rerun equal to an uninterrupted
+run) and bad experiment files refused in one line, exit 2, before anything trains.
+
+The tiny experiment: 2 methods x 2 code lengths x 1 seed on the synthetic set, 1 epoch (dcdh 3,
+without early stopping, so that a kill can land in the middle of training), batch 32.
+"""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_script
+from grid.config import load_experiment, parse_shard, select_shard
+from grid.report import MEASURED, write_report
+from grid.runner import check_settings
+from utils.errors import UserInputError
+
+TINY = """
+dataset = "ddh"
+data_root = "{root}"
+methods = ["dcdh", "csq"]
+bits = [8, 12]
+seeds = [0]
+device = "cpu"
+
+[train]
+epochs = 1
+bs = 32
+
+[overrides.dcdh]
+epochs = 3
+patience = 3
+"""
+CELLS = ["dcdh-8b-s0", "csq-8b-s0", "dcdh-12b-s0", "csq-12b-s0"]  # run order: seed, bits, method
+REPORT = ["results.csv"] + [f"table_{k}.{e}" for k in ("map", "precision_radius_2", "recall_radius_2")
+                            for e in ("md", "tex")] + \
+         [f"fig_{k}_vs_bits.png" for k in ("map", "precision_radius_2", "recall_radius_2")] + \
+         ["fig_pr_curve_12b.png", "fig_precision_at_n_12b.png"]
+
+
+def _popen(*args):
+    return subprocess.Popen([sys.executable, "reproduce.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+@pytest.fixture(scope="module")
+def tiny(synthetic_root, tmp_path_factory):
+    """The tiny experiment, run as two shards at once into one folder: (file, out folder, outputs)."""
+    folder = tmp_path_factory.mktemp("reproduce")
+    path = folder / "tiny.toml"
+    path.write_text(TINY.format(root=synthetic_root))
+    out = folder / "runs"
+    procs = [_popen(str(path), "--out", str(out), "--shard", s) for s in ("0/2", "1/2")]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    return path, out / "tiny", outputs
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_experiment_writes_every_file(tiny):
+    _, out, _ = tiny
+    for name in CELLS:
+        cell = out / name
+        assert (cell / "model.tar").is_file() and (cell / "model.log").is_file()
+        assert not (cell / "model.last.tar").exists()  # removed once the cell is finished
+        m = json.loads((cell / "metrics.json").read_text())
+        assert set(m["curves"]) == {"precision_at_n", "pr_over_radius"}
+        assert len(m["curves"]["pr_over_radius"]["radius"]) == m["bits"] + 1
+        assert m["epochs_run"] == (3 if name.startswith("dcdh") else 1) and 1 <= m["best_epoch"] <= m["epochs_run"]
+    for name in REPORT:
+        assert (out / name).stat().st_size > 0, name
+    rows = _rows(out / "results.csv")
+    assert [(r["method"], r["bits"], r["seed"]) for r in rows] == [
+        ("dcdh", "8", "0"), ("dcdh", "12", "0"), ("csq", "8", "0"), ("csq", "12", "0")]
+    for key in ("map", "precision_radius_2", "recall_radius_2", "epochs_run", "best_epoch", "wall_s",
+                "images_per_s", "device", "code_version"):
+        assert all(r[key] != "" for r in rows), key
+    table = (out / "table_map.md").read_text()
+    assert "| DCDH |" in table and "| CSQ |" in table and "**" in table and "12 bits" in table
+    assert r"\textbf{" in (out / "table_map.tex").read_text()
+
+
+def test_shards_cover_every_cell_once(tiny, capsys):
+    path, out, outputs = tiny
+    finished = [[c for c in CELLS if f"finished {c} " in o] for o in outputs]
+    assert sorted(finished[0] + finished[1]) == sorted(CELLS) and not set(finished[0]) & set(finished[1])
+    for name in CELLS:  # each cell trained by exactly one run
+        assert (out / name / "model.log").read_text().count("[config] dataset") == 1
+    exp = load_experiment(str(path), out=str(out.parent))
+    for n in (2, 3, 5):
+        shards = [c.name for i in range(n) for c in select_shard(exp.cells, (i, n))]
+        assert sorted(shards) == sorted(CELLS)
+
+
+def test_rerun_trains_nothing(tiny):
+    path, out, _ = tiny
+    files = [out / c / n for c in CELLS for n in ("model.tar", "metrics.json", "model.log")]
+    before = [f.stat().st_mtime_ns for f in files]
+    r = run_script("reproduce.py", str(path), "--out", str(out.parent))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "nothing to run: all 4 cells are finished" in r.stdout
+    assert [f.stat().st_mtime_ns for f in files] == before
+
+
+def test_kill_9_mid_cell_then_rerun_equals_uninterrupted(tiny, tmp_path):
+    """The shard 0/4 cell (dcdh-8b-s0, 3 epochs), killed with its whole process group once its first
+    epoch is logged, then rerun: results.csv equals the uninterrupted run's in every column but the
+    measurements (``grid.report.MEASURED``: times, images/s, host, date)."""
+    path, reference, _ = tiny
+    log = tmp_path / "tiny" / "dcdh-8b-s0" / "model.log"
+    proc = _popen(str(path), "--out", str(tmp_path), "--shard", "0/4")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and "[epoch 1/3]" in log.read_text():
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not (tmp_path / "tiny" / "dcdh-8b-s0" / "metrics.json").exists(), "the kill came too late"
+    r = run_script("reproduce.py", str(path), "--out", str(tmp_path), "--shard", "0/4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming after epoch" in r.stdout and "finished dcdh-8b-s0" in r.stdout
+    rerun = _rows(tmp_path / "tiny" / "results.csv")
+    ref = [row for row in _rows(reference / "results.csv") if (row["method"], row["bits"]) == ("dcdh", "8")]
+    assert len(rerun) == 1 and rerun[0].keys() == ref[0].keys()
+    same = [k for k in ref[0] if k not in MEASURED]
+    assert {k: rerun[0][k] for k in same} == {k: ref[0][k] for k in same}
+
+
+def test_changed_settings_are_refused(tiny, tmp_path):
+    path, out, _ = tiny
+    changed = tmp_path / "tiny.toml"
+    changed.write_text(path.read_text().replace("epochs = 1", "epochs = 2"))
+    exp = load_experiment(str(changed), out=str(out.parent))
+    with pytest.raises(UserInputError, match=r"csq-8b-s0: this cell was started with other settings \(epochs 1 -> 2\)"):
+        check_settings(exp.cells)
+
+
+BAD = [
+    ('methods = ["dcdh", "nope"]', "methods: unknown method 'nope'"),
+    ("methods = []", "methods: empty list"),
+    ("bits = []", "bits: empty list"),
+    ("seeds = []", "seeds: empty list"),
+    ("bits = [0, 12]", "bits: 0 is out of range 1..1024"),
+    ("bits = [2000]", "bits: 2000 is out of range 1..1024"),
+    ('data_root = "/no/such/folder"', "data_root: /no/such/folder: no such folder"),
+    ("epoch = 3", "epoch: unknown key"),
+    ("[train]\nlearning_rate = 0.1", "train.learning_rate: unknown key"),
+    ("[train]\nepochs = 0", "train.epochs: 0: expected an integer >= 1"),
+    ("[overrides.dcdh]\nmethod_args = { gamma = 1 }",
+     "overrides.dcdh.method_args: method dcdh has no hyperparameter 'gamma'"),
+    ("[overrides.dpsh]\nepochs = 2", "overrides.dpsh: 'dpsh' is not in methods"),
+    ('dataset = "mnist"', "dataset: 'mnist' is unknown"),
+    ("[overrides.csq]\nbackbone = \"ddahnet\"", "overrides.csq (cell csq-8b-s0): --backbone ddahnet"),
+    ("bits = [8", "not valid TOML"),
+]
+
+
+def _bad_file(tmp_path, root, change):
+    """The tiny experiment with the line(s) of ``change`` replacing the same key's (or added)."""
+    key = change.split("=")[0].strip()
+    lines = [ln for ln in TINY.format(root=root).strip().splitlines()
+             if not (ln.split("=")[0].strip() == key and not key.startswith("["))]
+    top, rest = lines[:lines.index("[train]")], lines[lines.index("[train]"):]
+    if change.startswith("[train]"):
+        rest = rest[:1] + change.splitlines()[1:] + [ln for ln in rest[1:] if not ln.startswith("epochs")]
+    elif change.startswith("[overrides"):
+        rest = rest[:rest.index("[overrides.dcdh]")] + change.splitlines()
+    else:
+        top.append(change)
+    path = tmp_path / "bad.toml"
+    path.write_text("\n".join(top + rest) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_experiment_files_name_the_key(synthetic_root, tmp_path, change, message):
+    path = _bad_file(tmp_path, synthetic_root, change)
+    with pytest.raises(UserInputError) as e:
+        load_experiment(str(path), out=str(tmp_path / "runs"))
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_file_on_the_command_line_is_one_line_exit_2(synthetic_root, tmp_path):
+    path = _bad_file(tmp_path, synthetic_root, 'methods = ["dcdh", "nope"]')
+    r = run_script("reproduce.py", str(path), "--out", str(tmp_path / "runs"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("reproduce.py: error: ") and r.stderr.count("\n") == 1
+    assert "methods: unknown method 'nope'" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shard_flag():
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "-1/2", "a/b", "1"):
+        with pytest.raises(UserInputError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_tables_show_mean_and_deviation_over_seeds(synthetic_root, tmp_path):
+    """Three seeds: mean ± sample standard deviation, the best of each column in bold; a missing
+    cell is a dash; a cell with fewer seeds says how many."""
+    path = tmp_path / "three.toml"
+    path.write_text(TINY.format(root=synthetic_root).replace("seeds = [0]", "seeds = [0, 1, 2]"))
+    exp = load_experiment(str(path), out=str(tmp_path))
+    maps = {("dcdh", 8): [0.1, 0.2, 0.3], ("csq", 8): [0.5, 0.5, 0.5], ("dcdh", 12): [0.4, 0.6]}
+    for cell in exp.cells:
+        values = maps.get((cell.method, cell.bits), [])
+        if cell.seed < len(values):
+            os.makedirs(cell.dir)
+            curves = {"pr_over_radius": {"radius": list(range(cell.bits + 1)), "precision": [0.5] * (cell.bits + 1),
+                                         "recall": [0.5] * (cell.bits + 1)},
+                      "precision_at_n": {"ranks": [1, 10], "precision": [1.0, 0.5], "recall": [0.1, 0.5]}}
+            m = {"metrics": {"map": values[cell.seed], "precision_radius_2": 0.5, "recall_radius_2": 0.5},
+                 "curves": curves, "epochs_run": 1, "best_epoch": 1}
+            with open(cell.path("metrics.json"), "w") as f:
+                json.dump(m, f)
+    write_report(exp)
+    out = tmp_path / "three"
+    table = (out / "table_map.md").read_text()
+    assert "| DCDH | 20.00 ± 10.00 | **50.00 ± 14.14 (2/3 seeds)** |" in table
+    assert "| CSQ | **50.00 ± 0.00** | — |" in table
+    assert r"\textbf{50.00 $\pm$ 0.00}" in (out / "table_map.tex").read_text()
+    assert len(_rows(out / "results.csv")) == 3 + 3 + 2
