@@ -42,7 +42,8 @@ def get_args_parser(add_help=True):
 def main(args):
     check_flag("--jobs", args.jobs)
     shard = parse_shard(args.shard) if args.shard is not None else None
-    exp = load_experiment(args.experiment, data_root=args.data_root, device=args.device, out=args.out)
+    exp = load_experiment(args.experiment, data_root=args.data_root, device=args.device, out=args.out,
+                          check_data=not args.report)  # a report needs no data
     cells = select_shard(exp.cells, shard)
     check_settings(cells)
     if args.report:

@@ -187,7 +187,7 @@ def _settings(path, raw, methods):
     return dict(train), {m: dict(t) for m, t in overrides.items()}
 
 
-def _data_root(path, raw, dataset, override):
+def _data_root(path, raw, dataset, override, check=True):
     from data import DEFAULT_ROOTS, expected_layout
     root = override or raw.get("data_root") or DEFAULT_ROOTS.get(dataset)
     key = "--data-root" if override else "data_root"
@@ -196,6 +196,8 @@ def _data_root(path, raw, dataset, override):
     if not isinstance(root, str):
         raise _err(path, key, f"expected a folder name, got {root!r}")
     full = os.path.abspath(os.path.expanduser(root))
+    if not check:
+        return full
     if not os.path.isdir(full):
         raise _err(path, key, f"{root}: no such folder (relative paths are taken from the current folder, "
                    f"{os.getcwd()}); expected {expected_layout(dataset)}; pass another with --data-root")
@@ -205,11 +207,12 @@ def _data_root(path, raw, dataset, override):
     return full
 
 
-def load_experiment(path, data_root=None, device=None, out=None):
+def load_experiment(path, data_root=None, device=None, out=None, check_data=True):
     """Read and check ``path``; returns an ``Experiment`` with its cells in run order (seed by
     seed, then code length, then method as listed).
 
     ``data_root``, ``device``, ``out``: command-line values that replace the file's.
+    ``check_data`` False: the data folder need not exist (to rebuild a report elsewhere).
     Raises: UserInputError naming the file and the key, before anything is written.
     """
     from data import DATASETS
@@ -254,7 +257,7 @@ def load_experiment(path, data_root=None, device=None, out=None):
         raise _err(path, "figure_bits", f"{figure_bits!r} is not one of bits {bits}")
     train, overrides = _settings(path, raw, methods)
     exp = Experiment(path=path, name=name, dataset=dataset, methods=methods, bits=bits, seeds=seeds,
-                     data_root=_data_root(path, raw, dataset, data_root),
+                     data_root=_data_root(path, raw, dataset, data_root, check_data),
                      out_dir=os.path.abspath(os.path.join(out or raw.get("out", "runs"), name)),
                      description=raw.get("description", ""), device=device or raw.get("device"),
                      figure_bits=figure_bits, train=train, overrides=overrides)

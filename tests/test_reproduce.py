@@ -116,7 +116,7 @@ def test_rerun_trains_nothing(tiny):
 def test_kill_9_mid_cell_then_rerun_equals_uninterrupted(tiny, tmp_path):
     """The shard 0/4 cell (dcdh-8b-s0, 3 epochs), killed with its whole process group once its first
     epoch is logged, then rerun: results.csv equals the uninterrupted run's in every column but the
-    measurements (``grid.report.MEASURED``: times, images/s, host, date)."""
+    measurements (``grid.report.MEASURED``: times, images/s, host, date) and the code version."""
     path, reference, _ = tiny
     log = tmp_path / "tiny" / "dcdh-8b-s0" / "model.log"
     proc = _popen(str(path), "--out", str(tmp_path), "--shard", "0/4")
@@ -134,8 +134,10 @@ def test_kill_9_mid_cell_then_rerun_equals_uninterrupted(tiny, tmp_path):
     rerun = _rows(tmp_path / "tiny" / "results.csv")
     ref = [row for row in _rows(reference / "results.csv") if (row["method"], row["bits"]) == ("dcdh", "8")]
     assert len(rerun) == 1 and rerun[0].keys() == ref[0].keys()
-    same = [k for k in ref[0] if k not in MEASURED]
+    # code_version too may differ: the checkout can change (an edit, a commit) between the two runs
+    same = [k for k in ref[0] if k not in MEASURED + ("code_version",)]
     assert {k: rerun[0][k] for k in same} == {k: ref[0][k] for k in same}
+    assert rerun[0]["code_version"]
 
 
 def test_changed_settings_are_refused(tiny, tmp_path):
