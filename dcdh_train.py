@@ -169,6 +169,17 @@ def check_features(method_cls, world, amp_flag, compile_mode):
     return amp_ok, notes
 
 
+def check_setup(args):
+    """Every check made before data or files are touched (flags, method and its hyperparameters,
+    backbone, image size, recipe, feature support), as for a single process.
+
+    Returns: the method's typed hyperparameters. Raises: UserInputError naming the flag.
+    """
+    hparams = _check_args(args)
+    _setup(args, hparams, 1)
+    return hparams
+
+
 @exit_on_user_error("dcdh_train.py")
 def main(args):
     hparams = _check_args(args)

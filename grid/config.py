@@ -327,7 +327,7 @@ def check_with_trainer(exp):
             with contextlib.redirect_stderr(err):
                 args = dcdh_train.get_args_parser().parse_args(cell.train_flags)
             # dcdh_train.py's argument checks and run setup (no I/O); see docs/reproduce.md
-            dcdh_train._setup(args, dcdh_train._check_args(args), 1)
+            dcdh_train.check_setup(args)
         except SystemExit:
             message = err.getvalue().strip().split("error: ", 1)[-1]
             raise UserInputError(f"{exp.path}: cell {cell.name}: {message}") from None
