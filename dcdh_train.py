@@ -71,8 +71,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--pretrained", action="store_true", help="torchvision backbones: ImageNet weights from the local cache")
     p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the backbone's)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
-                   help="default adam (amsgrad, wd 1e-4, lr x0.5 every 100 epochs) for dfhnet, "
-                   "sgd (momentum 0.9, wd 5e-4, lr x0.1 every 50 epochs) otherwise, unless the method's recipe says")
+                   help="default adam (amsgrad, wd 1e-4, lr x0.5 every 100 epochs) for the 32x32 networks (dfhnet, "
+                   "ddhnet, ddahnet), sgd (momentum 0.9, wd 5e-4, lr x0.1 every 50 epochs) otherwise, unless "
+                   "the method's recipe says; another optimizer than the method's drops its whole recipe "
+                   "but the epochs and patience")
     p.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
                    help="bfloat16 autocast for the network (auto: on with CUDA, off on CPU; "
                    "'on' also speeds up CPUs with AMX/AVX512-BF16)")
@@ -265,9 +267,10 @@ def _train(args, hparams, dist_info):
     database, queries, label_map, train_set = _load_data(args, image_size)
     num_classes, epochs, patience = len(label_map), recipe["epochs"], recipe["patience"]
     # before the model is built and before any file is written: will the method fit the device?
+    # (CPU processes of one machine share its memory; each GPU process has its own device)
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device.type == "cpu" else 1
     mem_estimate, mem_free = check_memory(METHODS[args.method], num_classes, args.len, len(train_set),
-                                          args.bs // world, device, hparams,
-                                          processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device.type == "cpu" else 1)
+                                          args.bs // world, device, hparams, processes=sharing)
 
     torch.manual_seed(args.seed)  # the same initial weights and method state in every process
     amp = amp_ok and (args.amp == "on" or (args.amp == "auto" and device.type == "cuda"))
@@ -296,7 +299,7 @@ def _train(args, hparams, dist_info):
         log.disabled = True
     log.info(f"[config] dataset {args.dataset} ({len(train_set)} train / {len(queries)} test images, "
              f"{num_classes} identities), {backbone} at {image_size}x{image_size}, {args.len} bits, "
-             f"batch {args.bs}, lr {recipe['lr']}, {recipe['optimizer']}, {epochs} epochs "
+             f"batch {args.bs}, lr {recipe['lr']}, {recipe['optimizer']}, {epochs} epoch{'s' if epochs > 1 else ''} "
              f"(early stop after {patience} epochs without a lower loss), device {device}"
              + (f" x {world} processes" if world > 1 else "") + (", bf16 autocast" if amp else "")
              + (f", torch.compile mode {args.compile}" if args.compile != "off" else ""))
@@ -330,6 +333,13 @@ def _train(args, hparams, dist_info):
     eval_loaders = (make_loader(queries, args.bs, workers=workers, device=device),
                     make_loader(database, args.bs, workers=workers, device=device))
     since = time.time()
+    if start_epoch >= epochs or start_epoch - 1 - best_epoch > patience:
+        why = (f"all {epochs} epochs are done" if start_epoch >= epochs
+               else f"it had stopped early (no lower training loss for more than {patience} epochs)")
+        log.info(f"[done] nothing to train: {resume_path} has {start_epoch} epochs and {why}; "
+                 f"best loss {best_loss:.4f} at epoch {best_epoch + 1}, model in {best_path} "
+                 "(a larger --epochs or --patience continues it)")
+        return {"best_path": best_path, "best_loss": best_loss, "best_epoch": best_epoch}
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
         lr = learning_rate(recipe, epoch)
@@ -367,7 +377,9 @@ def _train(args, hparams, dist_info):
         last = epoch + 1 == epochs or epoch - best_epoch > patience
         if dist_info.is_main and args.eval_every and ((epoch + 1) % args.eval_every == 0 or last):
             # the whole, unpadded query and database sets, in this process alone
-            metrics = evaluate(model, *eval_loaders, device)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                # evaluation must not move the random state the next epochs (and a resume) use
+                metrics = evaluate(model, *eval_loaders, device)
             log.info(f"[evaluate epoch {epoch + 1}] mAP {100 * metrics['map']:.2f}%, "
                      f"tie-aware mAP {100 * metrics['map_tie_aware']:.2f}%, "
                      f"precision@10 {100 * metrics['precision_at_10']:.2f}%"

@@ -48,10 +48,23 @@ def split_labels(root, split):
 
 
 def chance_map(query_labels, db_labels):
-    """Expected mAP of a random ranking: per query, the share of the database with its identity."""
+    """Expected mAP of a uniformly random ranking of the database.
+
+    For a query with R relevant items among N, the expected AP is
+    ``H_N / N + (R - 1) / (N - 1) * (1 - H_N / N)`` (H_N the N-th harmonic number): the sum over
+    ranks k of P(rel_k) * E[precision@k | rel_k] / R. Slightly above R / N, the share of the
+    identity; a query whose identity is absent from the database counts 0.
+    """
+    n = len(db_labels)
     ids, counts = np.unique(db_labels, return_counts=True)
-    share = dict(zip(ids.tolist(), (counts / len(db_labels)).tolist()))
-    return float(np.mean([share.get(int(y), 0.0) for y in query_labels]))
+    relevant = dict(zip(ids.tolist(), counts.tolist()))
+    h_n = float(np.sum(1.0 / np.arange(1, n + 1)))
+
+    def expected_ap(r):
+        if r == 0:
+            return 0.0
+        return h_n / n + ((r - 1) / (n - 1) if n > 1 else 0.0) * (1 - h_n / n)
+    return float(np.mean([expected_ap(relevant.get(int(y), 0)) for y in query_labels]))
 
 
 def class_names(root):
@@ -161,7 +174,7 @@ def main(args):
     print(f"demo: what this means: each of the {m['num_queries']:,} test faces was used as a query to rank the "
           f"{m['num_database']:,} training faces by the Hamming distance between their {BITS}-bit codes; mAP is "
           "100% when every face of the query's identity comes before every other face, and a random ranking "
-          f"gets the chance level, the share of each identity in the database (about 1/{ids})"
+          f"gets the chance level, a little above the share of each identity in the database (1/{ids})"
           + (f"; the {m['num_database']:,} training faces got {codes:,} distinct codes "
              f"(a collapsed model gives a handful)" if codes is not None else "") + ".")
     if root == REAL:

@@ -14,9 +14,10 @@ on a batch of random codes (batch 256, 48 bits; codes and labels seeded), no net
   and mean), and ``csq`` / ``orthohash`` (codebooks) when they are in ``methods.METHODS``.
 
 Every configuration runs in a fresh subprocess, so one peak does not hide another: the peak
-memory is the increase of the process's peak resident set (``ru_maxrss``; on a GPU
-``torch.cuda.max_memory_allocated``) during the steps over its value after setup (torch
-imported, method built, inputs made). A configuration whose pre-flight estimate
+memory is the increase of the process's peak resident set during the steps over the resident
+set after setup (torch imported, method built, inputs made): on Linux the peak is reset after
+setup (``/proc/self/clear_refs``) and read from ``VmHWM``, elsewhere ``ru_maxrss`` (which then
+hides a step that needs less than the setup did); on a GPU ``torch.cuda.max_memory_allocated``. A configuration whose pre-flight estimate
 (``memory_estimate``; for the reference push term 14.2 bytes per pair of identities, measured) exceeds the
 memory available is not run; its estimate is printed instead. The time is the median of
 ``--repeat`` steps (the first includes allocation warm-up; one step for C >= 40,000 by
@@ -40,6 +41,34 @@ REFERENCE_PUSH_BYTES_PER_PAIR = 14.2
 (the issue measured 972 MiB at C = 8,631, 13.7 bytes per pair, with the pull term)."""
 
 
+def _status_bytes(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _reset_peak_rss():
+    """Reset the process's peak resident set to its current size (Linux: ``/proc/self/clear_refs``)
+    and return that size; without the reset, the peak so far (``ru_maxrss``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss():
+    """The peak resident set since the reset (``VmHWM``, else ``ru_maxrss``), in bytes."""
+    try:
+        value = _status_bytes("VmHWM")
+    except OSError:
+        value = None
+    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child(args):
     """Build one configuration, run the steps, print one JSON line."""
     import torch
@@ -54,6 +83,7 @@ def _child(args):
     hparams = {"centers": args.variant} if args.method == "dcwh" else {}
     c, k, b = args.classes, args.bits, args.bs
     n = max(c, b)  # training labels, only for methods that want them at construction
+    torch.manual_seed(0)  # the same initial centers / codebooks for every variant
     gen = torch.Generator().manual_seed(0)
     train_labels = torch.arange(n) % c
     method = METHODS[args.method](c, k, train_labels=train_labels, **hparams).to(device)
@@ -64,7 +94,7 @@ def _child(args):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.max_memory_allocated()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = _reset_peak_rss()
     times = []
     for _ in range(args.repeat):
         start = time.perf_counter()
@@ -75,7 +105,7 @@ def _child(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+    peak_rss = _peak_rss() - base_rss
     out = {"seconds": statistics.median(times), "times": times, "peak_bytes": peak_rss,
            "loss": float(total), "threads": torch.get_num_threads()}
     if device.type == "cuda":

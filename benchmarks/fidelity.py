@@ -23,8 +23,10 @@ sign of its nearest class center in Hamming distance, their ``compute_result(...
   normalised per batch in float32, generator seeded ``seed * 100003 + epoch`` as in
   ``dcdh_train.py``); ``authors`` = their per-sample Dataset (float64 split normalised once,
   HWC, ``ToTensor``) and ``DataLoader(shuffle=True)`` drawing from the global torch RNG.
-* ``--step``: ``project`` = ``engine.loop.train_one_epoch`` with a channels_last network;
-  ``authors`` = a plain loop (zero_grad, forward, loss, backward, step) on NCHW tensors.
+* ``--step``: ``project`` = ``engine.loop.train_one_epoch``; ``authors`` = a plain loop
+  (zero_grad, forward, loss, backward, step, ``.item()`` per batch).
+* ``--layout``: ``channels_last`` (the project's network and inputs) or ``nchw`` (the authors').
+  Only the convolutions' rounding differs; NCHW is about 2x slower in float32 on this CPU.
 * ``--adam``: ``fused`` = ``engine.recipes.build_optimizer`` (fused Adam); ``plain`` = the same
   groups with the default (for-each) Adam, as the authors.
 
@@ -34,9 +36,12 @@ authors' side only: it shifts the printed loss, not the gradients). Both sides s
 
 Per epoch it also records two diagnostics of the differences: the fraction of samples whose
 true-class probability is below 1e-6 (where ``log(p + 1e-6)`` flattens the authors' gradient)
-and the fraction of target bits where ridge and mean regression give different B.
+the fraction of target bits where ridge and mean regression give different B, and the mean
+relative difference ``||g_authors - g_project|| / ||g_project||`` of the two pull terms' gradients
+(w.r.t. codes and centers) on each batch.
 
 Prints one line per epoch and a table at the end; ``--json`` writes everything.
+``--summarize A.json B.json ...`` prints one table of several runs' JSON files (no training).
 """
 import argparse
 import json
@@ -58,7 +63,7 @@ from models import build_model  # noqa: E402
 from utils.metrics import binarize, mean_average_precision, tie_aware_map  # noqa: E402
 
 SWITCHES = {"pull": ("project", "authors"), "regression": ("mean", "ridge"), "data": ("project", "authors"),
-            "step": ("project", "authors"), "adam": ("fused", "plain")}
+            "step": ("project", "authors"), "adam": ("fused", "plain"), "layout": ("channels_last", "nchw")}
 """Each switch: (project's value, authors' value)."""
 
 EPS = 1e-6
@@ -95,7 +100,8 @@ class SwitchedDCDH(DCDH):
         self.reset_diagnostics()
 
     def reset_diagnostics(self):
-        self.diag = {"samples": 0, "p_below_eps": 0, "bits": 0, "ridge_vs_mean_bits": 0}
+        self.diag = {"samples": 0, "p_below_eps": 0, "bits": 0, "ridge_vs_mean_bits": 0, "batches": 0,
+                     "pull_grad_rel_diff": 0.0}
 
     @torch.no_grad()
     def _diagnose(self, codes, labels):
@@ -107,6 +113,15 @@ class SwitchedDCDH(DCDH):
         _, b_ridge = ridge_codes(codes, labels, self.num_classes, self.eta)
         self.diag["bits"] += codes.numel()
         self.diag["ridge_vs_mean_bits"] += int((b_mean != b_ridge).sum())
+        # relative difference of the two pull terms' gradients (w.r.t. codes and centers) on this batch
+        grads = []
+        for fn in (pull_loss, authors_pull):
+            with torch.enable_grad():
+                h = codes.detach().clone().requires_grad_(True)
+                m = self.centers.detach().clone().requires_grad_(True)
+                grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(fn(h, labels, m, self.sigma), (h, m))]))
+        self.diag["pull_grad_rel_diff"] += float((grads[1] - grads[0]).norm() / grads[0].norm())
+        self.diag["batches"] += 1
 
     def forward(self, codes, labels, index=None):
         self._diagnose(codes.detach(), labels)
@@ -204,6 +219,27 @@ def plain_adam(recipe, model, method):
                              {"params": list(method.parameters()), "weight_decay": wd, "lr": lr}], lr=lr)
 
 
+def describe(run):
+    """Short name of a run's settings: the loop, then the switches that differ from it."""
+    side = 0 if run["loop"] == "project" else 1
+    changed = [f"{k} {v}" for k, v in run["switches"].items() if v != SWITCHES[k][side]]
+    return run["loop"] + (" + " + ", ".join(changed) if changed else "")
+
+
+def summarize(paths):
+    """Markdown table: one row per run, mAP (tie-aware in brackets) at each evaluated epoch."""
+    runs = [json.load(open(path)) for path in paths]
+    epochs = sorted({ev["epoch"] for run in runs for ev in run["evaluations"]})
+    print("| loop | seed | " + " | ".join(f"epoch {e}" for e in epochs) + " | lowest loss (epoch) |")
+    print("| --- | --- | " + " | ".join("---" for _ in epochs) + " | --- |")
+    for run in runs:
+        at = {ev["epoch"]: ev for ev in run["evaluations"]}
+        cells = [f"{100 * at[e]['map']:.2f} ({100 * at[e]['map_tie_aware']:.2f})" if e in at else "-" for e in epochs]
+        done = "" if run.get("epochs_done", run["epochs"]) == run["epochs"] else f", {run['epochs_done']} epochs done"
+        print(f"| {describe(run)} | {run['seed']} | " + " | ".join(cells)
+              + f" | {run['lowest_loss']:.4f} ({run['lowest_loss_epoch']}{done}) |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -220,7 +256,11 @@ def main():
     p.add_argument("--bs", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the settings, per-epoch log and evaluations here")
+    p.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                   help="print a table of these runs' JSON files and exit")
     args = p.parse_args()
+    if args.summarize:
+        return summarize(args.summarize)
     side = 0 if args.loop == "project" else 1
     sw = {name: getattr(args, name) or values[side] for name, values in SWITCHES.items()}
     if args.threads:
@@ -232,7 +272,7 @@ def main():
     train_set = training_view(database)
     num_classes = len(label_map)
     recipe = resolve_recipe("dfhnet", epochs=args.epochs)
-    channels_last = sw["step"] == "project"
+    channels_last = sw["layout"] == "channels_last"
 
     torch.manual_seed(args.seed)
     model = build_model("dfhnet", args.bits)
@@ -255,6 +295,18 @@ def main():
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     log, evals = [], []
     since = time.perf_counter()
+
+    def write_json():  # after every evaluation and at the end, so a stopped run keeps its figures
+        if not args.json:
+            return
+        best = min(log, key=lambda r: r["loss"])
+        with open(args.json, "w") as f:
+            json.dump({"loop": args.loop, "switches": sw, "seed": args.seed, "epochs": args.epochs,
+                       "epochs_done": len(log), "bits": args.bits, "bs": args.bs,
+                       "data_root": os.path.abspath(args.data_root), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "lowest_loss": best["loss"],
+                       "lowest_loss_epoch": best["epoch"], "log": log, "evaluations": evals}, f, indent=1)
+
     for epoch in range(args.epochs):
         lr = learning_rate(recipe, epoch)
         for group in optimizer.param_groups:
@@ -277,10 +329,12 @@ def main():
         d = method.diag
         row = {"epoch": epoch + 1, "loss": stats["loss"], "pull": stats.get("pull"), "seconds": stats["seconds"],
                "p_below_1e-6": d["p_below_eps"] / max(d["samples"], 1),
-               "ridge_vs_mean_bits": d["ridge_vs_mean_bits"] / max(d["bits"], 1)}
+               "ridge_vs_mean_bits": d["ridge_vs_mean_bits"] / max(d["bits"], 1),
+               "pull_grad_rel_diff": d["pull_grad_rel_diff"] / max(d["batches"], 1)}
         log.append(row)
         msg = (f"[epoch {epoch + 1}] loss {row['loss']:.4f} pull {row['pull']:.4f}, {row['seconds']:.1f} s, "
-               f"p<1e-6 {100 * row['p_below_1e-6']:.2f}% of samples, ridge!=mean {100 * row['ridge_vs_mean_bits']:.4f}% of bits")
+               f"p<1e-6 {100 * row['p_below_1e-6']:.2f}% of samples, ridge!=mean {100 * row['ridge_vs_mean_bits']:.4f}% of bits, "
+               f"pull gradient authors vs project {row['pull_grad_rel_diff']:.1e} (relative)")
         if epoch + 1 in eval_at:
             ev = evaluate(model, q_images, db_images, queries.labels, database.labels, method.centers.detach(),
                           channels_last)
@@ -289,6 +343,8 @@ def main():
             msg += (f" | mAP {100 * ev['map']:.2f}% tie-aware {100 * ev['map_tie_aware']:.2f}%, center codes "
                     f"{100 * ev['center_map']:.2f}% / {100 * ev['center_map_tie_aware']:.2f}%")
         print(msg, flush=True)
+        if epoch + 1 in eval_at:
+            write_json()
     best = min(log, key=lambda r: r["loss"])
     print(f"done in {time.perf_counter() - since:.0f} s; lowest loss {best['loss']:.4f} at epoch {best['epoch']}")
     print("| epoch | mAP % | tie-aware mAP % | center-code mAP % | center-code tie-aware % |")
@@ -296,13 +352,7 @@ def main():
     for ev in evals:
         print(f"| {ev['epoch']} | {100 * ev['map']:.2f} | {100 * ev['map_tie_aware']:.2f} | "
               f"{100 * ev['center_map']:.2f} | {100 * ev['center_map_tie_aware']:.2f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"loop": args.loop, "switches": sw, "seed": args.seed, "epochs": args.epochs,
-                       "bits": args.bits, "bs": args.bs, "data_root": os.path.abspath(args.data_root),
-                       "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "lowest_loss": best["loss"], "lowest_loss_epoch": best["epoch"],
-                       "log": log, "evaluations": evals}, f, indent=1)
+    write_json()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def resolve_recipe(backbone, method_recipe=None, optimizer=None, lr=None, epochs
         method_recipe (dict or None): the method's ``recipe`` (keys of ``RECIPE_KEYS``).
         optimizer, lr, epochs, patience, weight_decay: command-line values (None: not given).
             An ``optimizer`` other than the method's own drops the method's optimizer-specific
-            overrides (weight decay and schedule).
+            overrides (lr, weight decay and schedule) and keeps its epochs and patience.
     Returns: dict with every key of ``RECIPE_KEYS``; ``patience`` an int (default epochs // 4).
     Raises: ValueError for an unknown optimizer or recipe key.
     """
@@ -46,7 +46,7 @@ def resolve_recipe(backbone, method_recipe=None, optimizer=None, lr=None, epochs
     if optimizer is None or optimizer == method_recipe.get("optimizer", default_name):
         recipe.update(method_recipe)
     else:  # the user changed the optimizer: keep only the method's schedule-free choices
-        recipe.update({k: v for k, v in method_recipe.items() if k in ("epochs", "patience", "lr")})
+        recipe.update({k: v for k, v in method_recipe.items() if k in ("epochs", "patience")})
     for key, value in (("lr", lr), ("epochs", epochs), ("patience", patience), ("weight_decay", weight_decay)):
         if value is not None:
             recipe[key] = value

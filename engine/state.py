@@ -3,7 +3,8 @@
 Two files per run: the best checkpoint (lowest epoch training loss, the authors' rule; never
 chosen by test metrics) and ``<name>.last.tar`` with the latest epoch for ``--resume``. Both
 hold the network (``backbone``), the method's state (``centers``: class centers, codebooks,
-memory banks), the optimizer, the epoch counters, the RNG state and the run's ``config``.
+memory banks), the optimizer, the epoch counters, the CPU and CUDA random states and the run's
+``config``.
 """
 import glob
 import math
@@ -15,7 +16,7 @@ import torch
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserInputError
 
-MUST_MATCH = ("method", "backbone", "bits", "num_classes", "image_size")
+MUST_MATCH = ("method", "method_args", "backbone", "bits", "num_classes", "image_size", "optimizer")
 """Config entries a resumed run must share with the checkpoint it continues."""
 
 
@@ -67,21 +68,25 @@ def find_resume(resume, best_path, last_path):
 
 
 def epoch_state(model, method, optimizer, epoch, best_loss, best_epoch, config):
-    """The dict saved after ``epoch`` (1-based count of epochs done)."""
+    """The dict saved after ``epoch`` (1-based count of epochs done); ``rng`` is the CPU random
+    state, ``cuda_rng`` the CUDA one (one per device; empty without CUDA)."""
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return {"backbone": model.state_dict(), "centers": method.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "best_loss": best_loss,
-            "best_epoch": best_epoch, "rng": torch.get_rng_state(), "config": config}
+            "best_epoch": best_epoch, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "config": config}
 
 
 def restore(path, model, method, optimizer, config, best_path):
     """Load the run saved in ``path`` into ``model``, ``method`` and ``optimizer``.
 
     The fused-optimizer flag of this build is kept (a file from an older, unfused version would
-    otherwise switch it off). A best file newer than ``path`` (a kill between the two saves)
-    supplies the best loss and epoch.
+    otherwise switch it off). A best file with a lower best loss than ``path`` (a kill between
+    the two saves) supplies the best loss and epoch. The CPU random state and, when the file has
+    it and the devices match, the CUDA ones are restored.
 
     Returns: (epochs done, best loss, best epoch (0-based, -1 if none)).
-    Raises: UserInputError when the file holds no training state or another run's setup.
+    Raises: UserInputError when the file holds no training state or another run's setup
+    (method, its hyperparameters, network, code length, identities, input size, optimizer).
     """
     state = load_checkpoint(path)
     old = dict(state.get("config") or {})
@@ -89,8 +94,17 @@ def restore(path, model, method, optimizer, config, best_path):
         raise UserInputError(f"--resume {path}: holds no training state (epoch, optimizer, config); "
                              "only checkpoints written by dcdh_train.py can be resumed")
     old.setdefault("method", "dcdh")  # files from before the method registry
+    if "method_args" not in old:  # files from before the method registry: DCDH with the authors' flags
+        old["method_args"] = {k: old[k] for k in config["method_args"] if k in old} or config["method_args"]
+        old["method_args"] = {**config["method_args"], **old["method_args"]}
+    old.setdefault("optimizer", config["optimizer"])
     for key in MUST_MATCH:
         if old.get(key) != config[key]:
+            if key == "method_args":
+                changed = sorted(k for k in set(old[key]) | set(config[key]) if old[key].get(k) != config[key].get(k))
+                raise UserInputError(f"--resume {path}: its method hyperparameters differ from this run's ("
+                                     + ", ".join(f"{k} {old[key].get(k)!r} vs {config[key].get(k)!r}" for k in changed)
+                                     + "); resume with the same --method-args or start a new run")
             raise UserInputError(f"--resume {path}: its {key} is {old.get(key)!r}, this run's is {config[key]!r}")
     model.load_state_dict(state["backbone"])
     try:
@@ -101,14 +115,21 @@ def restore(path, model, method, optimizer, config, best_path):
         saved = state["optimizer"]
         for group in saved.get("param_groups", []):  # the saved flags would win: keep fused
             group["fused"], group["foreach"] = True, None
-        optimizer.load_state_dict(saved)
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserInputError(f"--resume {path}: its optimizer state does not fit this run's optimizer "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e})") from None
     done = int(state.get("epoch", 0))
     best_loss = float(state.get("best_loss", math.inf))
     best_epoch = int(state.get("best_epoch", -1))
     if "rng" in state:
         torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     if os.path.isfile(best_path) and os.path.abspath(best_path) != os.path.abspath(path):
         best_state = load_checkpoint(best_path)
         if float(best_state.get("best_loss", math.inf)) < best_loss:
             best_loss, best_epoch = float(best_state["best_loss"]), int(best_state["best_epoch"])
     return done, best_loss, best_epoch
+

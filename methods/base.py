@@ -210,7 +210,7 @@ nothing back to the host switch it off. On a GPU the ranges are never checked.""
 def check_batch(codes, labels, num_classes, index=None, num_train=None, bits=None):
     """Validate a batch and raise ValueError naming the problem.
 
-    Args: codes float (B, K) (K == ``bits`` when given); labels int (B,) in [0, C); index int64
+    Args: codes float (B, K) (K == ``bits`` when given); labels int64 (B,) in [0, C); index int64
     (B,) or None; num_train: when given, the method keeps a memory bank of N training codes, so
     ``index`` is required and must lie in [0, N). Value ranges are checked for CPU tensors only
     (no device sync) and while ``CHECK_VALUES`` is true.
@@ -223,8 +223,8 @@ def check_batch(codes, labels, num_classes, index=None, num_train=None, bits=Non
         raise ValueError(f"codes must have {bits} columns (the code length), got {codes.shape[1]}")
     if labels.dim() != 1 or labels.shape[0] != codes.shape[0]:
         raise ValueError(f"labels must have shape ({codes.shape[0]},), got {tuple(labels.shape)}")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be an int64 tensor, got {labels.dtype}")
     _check_range(labels, num_classes, "labels")
     if index is None:
         if num_train is not None:

@@ -48,10 +48,13 @@ def pull_loss(codes, labels, centers, sigma):
     return F.cross_entropy(logits, labels)
 
 
-PUSH_BLOCK_ELEMENTS = {"cpu": 2 ** 21, "other": 2 ** 24}
-"""Working-set budget of the blocked push term, ``block * C`` elements per block tensor: 8 MiB
-in float32 on the CPU (cache-sized blocks were fastest there, measured with one thread), 64 MiB
-on an accelerator (fewer, larger kernels; not measured here)."""
+PUSH_BLOCK_ELEMENTS = {"cpu": 2 ** 22, "other": 2 ** 24}
+"""Working-set budget of the blocked push term, ``block * C`` elements per block tensor: 16 MiB
+in float32 on the CPU, 64 MiB on an accelerator (fewer, larger kernels; not measured here). On
+the 2-core CPU at C = 8,631 (forward + backward, same process): with one thread 2^20 to 2^22
+took 0.43-0.52 s and 2^24 0.86 s (the reference 1.81 s); with two threads on a loaded machine
+(load 5) small blocks paid for thread synchronisation, 2^21 2.60 s, 2^22 1.62 s, 2^24 1.18 s
+(the reference 1.87 s). 2^22 is fast in both."""
 PUSH_MIN_BLOCK = 64
 """Fewest center rows per block: below about K rows, re-reading all C centers per block costs
 more than the block's own work."""
@@ -132,7 +135,7 @@ def push_loss(centers, authors_constant=False, block=None):
 
     Args: centers float (C, K) with C >= 2; authors_constant: add ``log 2 / (C-1)``
     (the authors' diagonal artefact); block: center rows per block (default
-    ``push_block_rows(C, device=centers.device)``: 2^21 / C on the CPU, 2^24 / C on a GPU,
+    ``push_block_rows(C, device=centers.device)``: 2^22 / C on the CPU, 2^24 / C on a GPU,
     at least ``PUSH_MIN_BLOCK``).
     Returns a scalar tensor. Raises: ValueError if C < 2.
     """
@@ -237,13 +240,14 @@ class DCDH(HashingMethod):
     @classmethod
     def memory_estimate(cls, num_classes, bits, num_train, batch_size, hparams=None):
         """Bytes of DCDH's own memory for one step (see ``HashingMethod.memory_estimate``): the
-        centers with gradient and two Adam moments (4 C K floats), the normalised centers and
-        their gradients plus the regression sums (4 C K), three push blocks of
+        centers with gradient and two Adam moments (4 C K floats), the normalised centers, their
+        gradients (the push term's is kept from the forward pass) and the regression sums (5 C K),
+        three push blocks of
         ``push_block_rows(C)`` x C (the accelerator's larger block, an upper bound on the CPU)
         and ``LOGIT_TENSORS`` B x C tensors of the pull term. Linear in C."""
         c, k, b = int(num_classes), int(bits), int(batch_size)
         block = push_block_rows(c, device="cuda")
-        return FLOAT32 * (8 * c * k + 3 * block * c + LOGIT_TENSORS * b * c)
+        return FLOAT32 * (9 * c * k + 3 * block * c + LOGIT_TENSORS * b * c)
 
     def forward(self, codes, labels, index=None):
         check_batch(codes, labels, self.num_classes, index)

@@ -64,17 +64,18 @@ def test_gradient_formula():
     g = torch.Generator().manual_seed(1)
     c, k = 7, 6
     unit = torch.nn.functional.normalize(torch.randn(c, k, generator=g, dtype=torch.float64), dim=1)
-    u = unit.clone().requires_grad_(True)
     from methods.dcdh import _BlockedPairSoftplus
-    loss = _BlockedPairSoftplus.apply(u, 0.5 * k, 3) / (c * (c - 1))
-    grad, = torch.autograd.grad(loss, u)
     s = torch.sigmoid(0.5 * k * unit @ unit.t()).fill_diagonal_(0.0)
-    torch.testing.assert_close(grad, k / (c * (c - 1)) * s @ unit)
+    for in_forward in (True, False):  # accumulated in the forward pass, or recomputed in backward
+        u = unit.clone().requires_grad_(True)
+        loss = _BlockedPairSoftplus.apply(u, 0.5 * k, 3, in_forward) / (c * (c - 1))
+        grad, = torch.autograd.grad(3.0 * loss, u)
+        torch.testing.assert_close(grad, 3.0 * k / (c * (c - 1)) * s @ unit)
 
 
 def test_block_rows():
     assert push_block_rows(2) == 2
-    assert push_block_rows(4000) == 2 ** 21 // 4000
+    assert push_block_rows(4000) == 2 ** 22 // 4000
     assert push_block_rows(10 ** 6) == 64             # at least PUSH_MIN_BLOCK rows
     assert push_block_rows(10 ** 6, block=10) == 10
     assert push_block_rows(300, block=1000) == 300
@@ -101,7 +102,7 @@ def test_no_c_by_c_tensor_at_4000_identities():
     centers = torch.randn(c, 48, requires_grad=True)
     with LargestOutput() as seen:
         push_loss(centers).backward()
-    assert seen.largest < c * c / 4, (seen.largest, seen.op)
+    assert seen.largest < c * c / 3, (seen.largest, seen.op)  # a block: 1,048 x 4,000
     assert seen.largest <= push_block_rows(c) * c
     with LargestOutput() as ref_seen:  # the detector sees the reference's C x C matrices
         push_loss_reference(centers.detach()[:500])

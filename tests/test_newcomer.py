@@ -134,12 +134,26 @@ def test_synthetic_faces_layout_and_variation(tmp_path):
     assert torch.equal(DDHSplit(again, "train").images, train.images)
 
 
-def test_chance_level_is_the_share_of_each_identity():
+def test_chance_level_is_the_expected_ap_of_a_random_ranking():
+    import itertools
     import demo
-    db = np.repeat(np.arange(30), 40)
-    assert demo.chance_map(np.arange(30), db) == pytest.approx(1 / 30)
+    from utils.metrics import tie_aware_map
+    # brute force: the mean AP over every ordering of a 5-item database with 2 relevant items
+    db = np.array([0, 0, 1, 1, 1])
+    aps = []
+    for order in itertools.permutations(range(5)):
+        rel = (db[list(order)] == 0).astype(float)
+        aps.append(float(np.sum(np.cumsum(rel) / np.arange(1, 6) * rel) / rel.sum()))
+    assert demo.chance_map(np.array([0]), db) == pytest.approx(np.mean(aps))
     # a query whose identity is not in the database contributes 0
-    assert demo.chance_map(np.array([0, 99]), np.array([0, 0, 1, 1])) == pytest.approx(0.25)
+    assert demo.chance_map(np.array([0, 99]), db) == pytest.approx(np.mean(aps) / 2)
+    # the demo's set: equals the tie-aware mAP of codes that are all equal (every order equally likely)
+    db = np.repeat(np.arange(30), 40)
+    q = np.arange(30)
+    codes = torch.ones(len(db), 12)
+    same = tie_aware_map(torch.ones(30, 12), codes, torch.from_numpy(q), torch.from_numpy(db))
+    assert demo.chance_map(q, db) == pytest.approx(same["map"], rel=1e-6)
+    assert demo.chance_map(q, db) > 1 / 30
 
 
 def test_make_test_prints_skip_reasons():
