@@ -21,11 +21,11 @@ import torch
 from data import DATASETS, DDHSplit, build_datasets, default_backbone, make_loader, training_view
 from engine.evaluate import evaluate
 from engine.loop import NonFiniteLoss, train_one_epoch
-from engine.preflight import check_memory, format_bytes
+from engine.preflight import check_memory, format_bytes, memory_limit
 from engine.recipes import OPTIMIZERS, build_optimizer, learning_rate, resolve_recipe
 from engine.state import epoch_state, find_resume, output_paths, restore
 from methods import METHODS, build_method, method_class, parse_method_args
-from models import BACKBONES, DEFAULT_IMAGE_SIZE, TWO_BRANCH_BACKBONES, build_model, check_image_size
+from models import BACKBONES, DEFAULT_IMAGE_SIZE, TWO_BRANCH_BACKBONES, build_model, check_image_size, check_pretrained
 from utils.checkpoint import DEFAULT_DIR, save_checkpoint
 from utils.device import COMPILE_MODES, compile_model, resolve_device
 from utils.distributed import all_reduce_sum_, barrier, cleanup, init_distributed
@@ -53,8 +53,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--eta", type=float, default=None, help="DCDH: weight of the quantization term (default 0.01)")
     # ours
     p.add_argument("--method", default="dcdh", help=f"hashing method, one of {{{', '.join(METHODS)}}} (default dcdh)")
-    p.add_argument("--method-args", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="the method's hyperparameters (see docs/methods.md; 'help' lists them); unknown keys are an error")
+    p.add_argument("--method-args", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="the method's hyperparameters (see docs/methods.md; 'help' alone lists them); the flag "
+                   "may be repeated; an unknown or repeated key is an error")
     p.add_argument("--data-root", default=None, help="dataset folder with train/ and test/ "
                    "(default ./FaceScrub, ./YouTube, ./vggface2)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 600 with Adam, 150 with SGD, "
@@ -109,12 +110,16 @@ def describe_method(cls):
 def method_hparams(args):
     """The method's hyperparameters from ``--method-args`` and the authors' flags (typed dict).
 
-    Raises: UserInputError for an unknown method or key, a bad value, a key given twice, or an
-    authors' flag the method does not have.
+    Raises: UserInputError for an unknown method or key, a bad value, a key given twice (in one
+    or several ``--method-args`` flags), ``help`` mixed with values, or an authors' flag the
+    method does not have.
     """
     try:
         cls = method_class(args.method)
-        if args.method_args == ["help"]:
+        if "help" in args.method_args:
+            if len(args.method_args) > 1:
+                raise UserInputError("--method-args help lists the method's hyperparameters and takes no "
+                                     "key=value items: give 'help' alone, or only key=value items")
             print(describe_method(cls))
             sys.exit(0)
         hparams = parse_method_args(args.method, args.method_args)
@@ -171,21 +176,47 @@ def check_features(method_cls, world, amp_flag, compile_mode):
     return amp_ok, notes
 
 
-def check_setup(args):
+def check_setup(args, machine=True):
     """Every check made before data or files are touched (flags, method and its hyperparameters,
-    backbone, image size, recipe, feature support), as for a single process.
+    backbone, ``--pretrained`` on it, image size, recipe, feature support), as for a single
+    process; with ``machine`` also this machine's (``check_machine``).
 
-    Returns: the method's typed hyperparameters. Raises: UserInputError naming the flag.
+    The checks that need the data (``check_train_size``: the batch against the training set) are
+    separate. Returns: the method's typed hyperparameters. Raises: UserInputError naming the flag.
     """
     hparams = _check_args(args)
-    _setup(args, hparams, 1)
+    backbone = _setup(args, hparams, 1)[0]
+    if machine:
+        check_machine(args, backbone)
     return hparams
+
+
+def check_machine(args, backbone):
+    """What this machine must offer the run: the ``--device`` (a CUDA GPU for cuda), a valid
+    ``DCDH_MEMORY_LIMIT_BYTES`` when set, and the ImageNet weights in the local cache for
+    ``--pretrained``. Returns the torch.device. Raises: UserInputError naming the flag or variable."""
+    device = resolve_device(args.device)
+    memory_limit()
+    if args.pretrained:
+        try:
+            check_pretrained(backbone, cache=True)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserInputError(str(e)) from None
+    return device
+
+
+def check_train_size(bs, num_train):
+    """Raise UserInputError when the batch ``bs`` is larger than the training set."""
+    if bs > num_train:
+        raise UserInputError(f"--bs {bs} is larger than the training set ({num_train} images)")
 
 
 @exit_on_user_error("dcdh_train.py")
 def main(args):
     hparams = _check_args(args)
-    dist_info = init_distributed(resolve_device(args.device))
+    device = resolve_device(args.device)
+    memory_limit()  # before any file is written
+    dist_info = init_distributed(device)
     try:
         return _train(args, hparams, dist_info)
     finally:
@@ -199,6 +230,8 @@ def _setup(args, hparams, world):
     check_backbone(method_cls, backbone)
     image_size = args.image_size or DEFAULT_IMAGE_SIZE[backbone]
     try:
+        if args.pretrained:
+            check_pretrained(backbone)
         check_image_size(backbone, image_size)
         recipe = resolve_recipe(backbone, method_cls.recipe, optimizer=args.optimizer, lr=args.lr,
                                 epochs=args.epochs, patience=args.patience)
@@ -230,8 +263,7 @@ def _load_data(args, image_size):
     train_set = training_view(database)
     if len(label_map) < 2:
         raise UserInputError(f"the training split has {len(label_map)} identity; hashing needs at least 2")
-    if args.bs > len(train_set):
-        raise UserInputError(f"--bs {args.bs} is larger than the training set ({len(train_set)} images)")
+    check_train_size(args.bs, len(train_set))
     return database, queries, label_map, train_set
 
 

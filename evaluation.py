@@ -48,8 +48,8 @@ def load_hashing_model(path, device, bits=None, backbone=None):
     Args: path (str); device (torch.device); bits (int or None): expected code length;
     backbone (str or None): override the inferred backbone.
     Returns: (model in eval mode on ``device``, checkpoint dict, config dict).
-    Raises: UserInputError for an unreadable checkpoint, an unknown network, or a code
-    length that disagrees with ``bits``.
+    Raises: UserInputError for an unreadable or malformed checkpoint, an unknown network, or a
+    code length that disagrees with ``bits``.
     """
     ckpt = load_checkpoint(path)
     config = dict(ckpt.get("config") or {})
@@ -57,6 +57,9 @@ def load_hashing_model(path, device, bits=None, backbone=None):
         inferred, inferred_bits = infer_backbone(ckpt["backbone"])
     except ValueError as e:
         raise UserInputError(f"{path}: {e}") from None
+    if backbone is None and config.get("backbone") is not None and config["backbone"] not in BACKBONES:
+        raise UserInputError(f"{path}: malformed checkpoint: config 'backbone' is {config['backbone']!r}, "
+                             f"expected one of {', '.join(BACKBONES)}")
     backbone = backbone or config.get("backbone") or inferred
     if bits is not None and bits != inferred_bits:
         raise UserInputError(f"--len {bits} disagrees with {path}, which holds a {inferred_bits}-bit model")

@@ -11,17 +11,40 @@ Each cell is trained by dcdh_train.py's code and evaluated by evaluation.py's co
 ``runs/<experiment>/<method>-<bits>b-s<seed>/``; docs/reproduce.md describes the experiment file
 and the outputs. Exit status: 0, 1 when a cell failed (the others ran), 2 for a bad experiment
 file or flag (nothing ran).
+
+Before anything trains, the file is checked as dcdh_train.py would check each cell (its setup,
+the batch size against the training set) and so is this machine (the device, the
+DCDH_MEMORY_LIMIT_BYTES setting, --pretrained weights in the local cache; ``--dry-run`` only
+notes a machine problem, ``--report`` skips it), and the output folder is created: a problem is
+one line naming the key, exit status 2, and no cell folder is made. A cell folder that holds
+no progress (a cell that failed before its first epoch) does not tie the cell to the settings
+it was tried with: after a fix of the file the next run takes it over (grid/runner.py).
 """
+import re
 import sys
 
-from grid.config import load_experiment, parse_shard, select_shard
+from grid.config import check_machine, load_experiment, parse_shard, select_shard
 from grid.report import write_report
-from grid.runner import Runner, check_settings, plan
-from utils.errors import OneLineArgumentParser, check_flag, exit_on_user_error
+from grid.runner import Runner, check_settings, make_out_dir, plan
+from utils.errors import OneLineArgumentParser, UserInputError, check_flag, exit_on_user_error
+
+
+class _Parser(OneLineArgumentParser):
+    """Takes ``--shard -1/2`` as a (bad) value of --shard, not as an unknown option, so that
+    parse_shard names what is expected."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args, joined = list(sys.argv[1:] if args is None else args), []
+        while args:
+            arg = args.pop(0)
+            if arg == "--shard" and args and re.match(r"-\d", args[0]):
+                arg = f"--shard={args.pop(0)}"
+            joined.append(arg)
+        return super().parse_known_args(joined, namespace)
 
 
 def get_args_parser(add_help=True):
-    p = OneLineArgumentParser(description="Train and evaluate every cell of an experiment grid and write the "
+    p = _Parser(description="Train and evaluate every cell of an experiment grid and write the "
                               "paper's tables and figures.", add_help=add_help)
     p.add_argument("experiment", help="experiment file (TOML), e.g. experiments/celeba299_cpu.toml")
     p.add_argument("--dry-run", action="store_true", help="list the cells with their status and a time estimate; "
@@ -42,19 +65,29 @@ def get_args_parser(add_help=True):
 def main(args):
     check_flag("--jobs", args.jobs)
     shard = parse_shard(args.shard) if args.shard is not None else None
+    # a report needs no data and no device; a dry run may be planned on a machine without the GPU
     exp = load_experiment(args.experiment, data_root=args.data_root, device=args.device, out=args.out,
-                          check_data=not args.report)  # a report needs no data
+                          check_data=not args.report, machine=not (args.report or args.dry_run))
     cells = select_shard(exp.cells, shard)
     check_settings(cells)
+    out_key = f"--out {args.out}" if args.out else f"{args.experiment}: out"
     if args.report:
-        paths = write_report(exp)
+        try:
+            paths = write_report(exp)
+        except OSError as e:
+            raise UserInputError(f"{out_key}: cannot write the report to {exp.out_dir}: {e.strerror or e}") from None
         print(f"{exp.name}: " + (f"{len(paths)} report files written to {exp.out_dir}" if paths
                                  else "no finished cell yet; nothing written"))
         return 0
     lines, estimates = plan(exp, cells, args.jobs, shard)
     if args.dry_run:
+        try:
+            check_machine(exp)
+        except UserInputError as e:
+            lines.append(f"note: this machine cannot run the cells: {e}")
         print("\n".join(lines))
         return 0
+    make_out_dir(exp, out_key)
     print(lines[0])
     print(lines[-1])
     failed = Runner(exp, cells, args.jobs).run(estimates)

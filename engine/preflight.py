@@ -74,16 +74,28 @@ def available_memory(device):
         free, _ = torch.cuda.mem_get_info(device)
     else:
         free = None
-    text = os.environ.get(LIMIT_ENV)
-    if text:
-        try:
-            limit = int(text)
-            if limit < 0:
-                raise ValueError
-        except ValueError:
-            raise UserInputError(f"{LIMIT_ENV}={text!r}: expected a number of bytes (a non-negative integer)") from None
+    limit = memory_limit()
+    if limit is not None:
         free = limit if free is None else min(free, limit)
     return free
+
+
+def memory_limit():
+    """``DCDH_MEMORY_LIMIT_BYTES`` as an int, or None when unset or empty.
+
+    Raises: UserInputError when it is not a non-negative integer.
+    """
+    text = os.environ.get(LIMIT_ENV)
+    if not text:
+        return None
+    try:
+        limit = int(text)
+        if limit < 0:
+            raise ValueError
+    except ValueError:
+        raise UserInputError(f"{LIMIT_ENV}={text!r} (environment): expected a number of bytes "
+                             "(a non-negative integer)") from None
+    return limit
 
 
 def format_bytes(n):

@@ -21,7 +21,11 @@ File format (docs/reproduce.md)::
     backbone = "ddhnet"
     method_args = { weight_quant = 0.01 }
 
-Every problem is a ``UserInputError`` naming the file and the key (one line, exit 2).
+Every problem is a ``UserInputError`` naming the file and the key (one line, exit 2): the file's
+own checks, then dcdh_train.py's (``dcdh_train.check_setup`` on every distinct cell setup), the
+batch size against the training set, and this machine's (``check_machine``: the device, the
+``DCDH_MEMORY_LIMIT_BYTES`` setting, ``--pretrained`` weights in the local cache), so that no
+cell fails on a setting the trainer would refuse.
 """
 import os
 import re
@@ -48,6 +52,9 @@ TRAIN_KEYS = {
     "workers": ("--workers", "int", 0),
 }
 """Keys of ``[train]`` and ``[overrides.<method>]`` (``method_args`` is overrides-only)."""
+
+DEFAULT_BS = 256
+"""dcdh_train.py's --bs default."""
 
 NOT_COMPARED = ("data_root", "device", "workers")
 """Settings a resumed or finished cell may change (another machine's paths and devices)."""
@@ -91,6 +98,8 @@ class Experiment:
     train: dict = field(default_factory=dict)
     overrides: dict = field(default_factory=dict)
     cells: list = field(default_factory=list)
+    device_key: str = "device"   # where the device comes from: the file's key, or --device
+    train_images: int = None     # images in the training split (None: not counted)
 
 
 def _err(path, key, message):
@@ -207,12 +216,15 @@ def _data_root(path, raw, dataset, override, check=True):
     return full
 
 
-def load_experiment(path, data_root=None, device=None, out=None, check_data=True):
+def load_experiment(path, data_root=None, device=None, out=None, check_data=True, machine=True):
     """Read and check ``path``; returns an ``Experiment`` with its cells in run order (seed by
     seed, then code length, then method as listed).
 
     ``data_root``, ``device``, ``out``: command-line values that replace the file's.
-    ``check_data`` False: the data folder need not exist (to rebuild a report elsewhere).
+    ``check_data`` False: the data folder need not exist (to rebuild a report elsewhere); True:
+    it must, and every cell's batch must fit its training split.
+    ``machine`` False: skip ``check_machine`` (a dry run or a report on a machine without the
+    experiment's GPU); the device name is checked either way.
     Raises: UserInputError naming the file and the key, before anything is written.
     """
     from data import DATASETS
@@ -260,11 +272,85 @@ def load_experiment(path, data_root=None, device=None, out=None, check_data=True
                      data_root=_data_root(path, raw, dataset, data_root, check_data),
                      out_dir=os.path.abspath(os.path.join(out or raw.get("out", "runs"), name)),
                      description=raw.get("description", ""), device=device or raw.get("device"),
-                     figure_bits=figure_bits, train=train, overrides=overrides)
+                     figure_bits=figure_bits, train=train, overrides=overrides,
+                     device_key="--device" if device else "device")
+    if exp.device:
+        from utils.device import parse_device
+        _device_error(exp, parse_device)
     # run order: seed by seed, so that a grid stopped part-way holds whole tables of the first seeds
     exp.cells = [make_cell(exp, m, b, s) for s in seeds for b in bits for m in methods]
     check_with_trainer(exp)
+    if check_data:
+        check_train_size(exp)
+    if machine:
+        check_machine(exp)
     return exp
+
+
+def _device_error(exp, check):
+    """Run ``check(exp.device)``; its UserInputError names the file's ``device`` key (or is
+    passed on as it is when the device came from ``--device``)."""
+    try:
+        return check(exp.device)
+    except UserInputError as e:
+        if exp.device_key == "--device":
+            raise
+        message = re.sub(r"^--device '?" + re.escape(exp.device) + r"'?: ", "", str(e))
+        raise _err(exp.path, "device", f"{exp.device!r}: {message}") from None
+
+
+def check_machine(exp):
+    """This machine's checks (``dcdh_train.check_machine``): the device exists (a CUDA GPU for
+    cuda), ``DCDH_MEMORY_LIMIT_BYTES`` is valid when set, and the ``--pretrained`` weights of every
+    cell that asks for them are in the local cache. Raises: UserInputError naming the key."""
+    from engine.preflight import memory_limit
+    from utils.device import resolve_device
+    if exp.device:
+        _device_error(exp, resolve_device)
+    memory_limit()
+    check_with_trainer(exp, machine=True)
+
+
+def check_train_size(exp):
+    """Refuse a batch size larger than the training split (as dcdh_train.py does once it has
+    loaded the data); sets ``exp.train_images`` (None when the images cannot be counted: the
+    trainer then reports the data itself)."""
+    import dcdh_train
+    from grid.estimate import count_train_images
+    exp.train_images = count_train_images(exp.dataset, exp.data_root)
+    if not exp.train_images:
+        return
+    for cell in exp.cells:
+        opts = cell_options(exp, cell.method)
+        bs = opts.get("bs", DEFAULT_BS)
+        try:
+            dcdh_train.check_train_size(bs, exp.train_images)
+        except UserInputError:
+            key = _table_of(exp, cell.method, "bs") + ".bs"
+            raise _err(exp.path, f"{key} (cell {cell.name})",
+                       f"{bs}{'' if 'bs' in opts else ' (the default)'} is larger than the training set "
+                       f"({exp.train_images} images in {exp.data_root}); expected at most {exp.train_images}") from None
+
+
+def _table_of(exp, method, key):
+    """``overrides.<method>`` when that table sets ``key``, else ``train``."""
+    return f"overrides.{method}" if key in exp.overrides.get(method, {}) else "train"
+
+
+def _key_of(exp, method, message):
+    """The experiment-file key a dcdh_train.py message is about: the first setting whose flag it
+    names and the file sets (``overrides.M.key`` or ``train.key``); else the first it names;
+    else the table of the method's settings."""
+    flags = dict({key: spec[0] for key, spec in TRAIN_KEYS.items()}, method_args="--method-args")
+    named = sorted((m.start(), key) for key, flag in flags.items()
+                   for m in [re.search(r"(?<![\w-])" + re.escape(flag) + r"(?![\w-])", message)] if m)
+    opts = cell_options(exp, method)
+    chosen = next((key for _, key in named if key in opts), named[0][1] if named else None)
+    if chosen is None:
+        return f"overrides.{method}" if method in exp.overrides else "train"
+    if chosen == "method_args":
+        return f"overrides.{method}.method_args"
+    return f"{_table_of(exp, method, chosen)}.{chosen}"
 
 
 def cell_options(exp, method):
@@ -298,7 +384,7 @@ def make_cell(exp, method, bits, seed):
     except ValueError as e:
         raise _err(exp.path, where, str(e)) from None
     amp = {True: "on", False: "off"}.get(opts.get("amp"), opts.get("amp", "auto"))
-    eval_flags = ["--dataset", exp.dataset, "--data-root", exp.data_root, "--bs", str(opts.get("bs", 256))]
+    eval_flags = ["--dataset", exp.dataset, "--data-root", exp.data_root, "--bs", str(opts.get("bs", DEFAULT_BS))]
     if exp.device:
         eval_flags += ["--device", exp.device]
     if "workers" in opts:
@@ -309,9 +395,11 @@ def make_cell(exp, method, bits, seed):
                 settings=settings, backbone=backbone, epochs=recipe["epochs"], amp=amp)
 
 
-def check_with_trainer(exp):
-    """Run dcdh_train.py's own checks (flags, method, network, recipe, features) on every
-    distinct cell setup, so a combination it would refuse stops the grid before it starts."""
+def check_with_trainer(exp, machine=False):
+    """Run dcdh_train.py's own checks (``dcdh_train.check_setup``: flags, method, network,
+    --pretrained, recipe, features; with ``machine`` this machine's too) on every distinct cell
+    setup, so a combination it would refuse stops the grid before it starts. The message names
+    the file's key (``_key_of``)."""
     import contextlib
     import io
 
@@ -327,13 +415,13 @@ def check_with_trainer(exp):
             with contextlib.redirect_stderr(err):
                 args = dcdh_train.get_args_parser().parse_args(cell.train_flags)
             # dcdh_train.py's argument checks and run setup (no I/O); see docs/reproduce.md
-            dcdh_train.check_setup(args)
+            dcdh_train.check_setup(args, machine=machine)
         except SystemExit:
             message = err.getvalue().strip().split("error: ", 1)[-1]
             raise UserInputError(f"{exp.path}: cell {cell.name}: {message}") from None
         except UserInputError as e:
-            where = f"overrides.{cell.method}" if cell.method in exp.overrides else "train"
-            raise UserInputError(f"{exp.path}: {where} (cell {cell.name}): {e}") from None
+            raise UserInputError(f"{exp.path}: {_key_of(exp, cell.method, str(e))} (cell {cell.name}): "
+                                 f"{e}") from None
 
 
 def select_shard(cells, shard):

@@ -6,6 +6,11 @@ appended to ``<cell>/cell.out``. While it runs, its folder is locked (``<cell>/.
 so a second runner on the same folder (a rerun, another shard, a job array on a shared file
 system) leaves it alone. A failing cell is reported with the last line of its output and the
 others go on. After every finished cell the report (``grid.report``) is rewritten.
+
+A cell folder remembers the settings it was started with (``cell.json``); a run with other
+settings is refused for a cell that has made progress (an epoch logged, a checkpoint, a
+``metrics.json``), but a folder without progress (a cell that failed during its setup, before
+its first epoch) is taken over by the new settings: nothing in it would be continued.
 """
 import fcntl
 import json
@@ -13,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -78,20 +84,50 @@ def cell_spec(exp, cell):
             "train_flags": cell.train_flags, "eval_flags": cell.eval_flags, "settings": cell.settings}
 
 
+def settings_conflict(cell, state):
+    """The message refusing ``cell`` (whose status is ``state``) when its folder holds progress
+    made with other settings (epochs, lr, method_args, ...); None when it may run. A folder
+    without progress (``todo``: e.g. a cell that failed during setup) never conflicts."""
+    if state == "todo":
+        return None
+    try:
+        with open(cell.path("cell.json")) as f:
+            old = json.load(f)["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    new = json.loads(json.dumps(cell.settings))
+    if not isinstance(old, dict) or old == new:
+        return None
+    diff = ", ".join(f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    return (f"{cell.dir}: this cell was started with other settings ({diff}); give the experiment another "
+            "name (or --out), or delete the folder to start it again")
+
+
 def check_settings(cells):
-    """Refuse to continue cells started with other settings (epochs, lr, method_args, ...)."""
+    """Refuse to continue cells started with other settings (``settings_conflict``)."""
     for cell in cells:
-        try:
-            with open(cell.path("cell.json")) as f:
-                old = json.load(f)["settings"]
-        except (OSError, ValueError, KeyError):
-            continue
-        new = json.loads(json.dumps(cell.settings))
-        if old != new:
-            diff = ", ".join(f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
-                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-            raise UserInputError(f"{cell.dir}: this cell was started with other settings ({diff}); give the "
-                                 "experiment another name (or --out), or delete the folder to start it again")
+        if os.path.isfile(cell.path("cell.json")):
+            message = settings_conflict(cell, status(cell)[0])
+            if message:
+                raise UserInputError(message)
+
+
+def make_out_dir(exp, key):
+    """Create the experiment's output folder (``key``: ``--out`` or the file's ``out``, for the
+    message). Raises: UserInputError, one line, when it cannot be created or written."""
+    folder = exp.out_dir
+    blocker = folder
+    while blocker and not os.path.exists(blocker):
+        blocker = os.path.dirname(blocker)
+    if blocker and not os.path.isdir(blocker):
+        raise UserInputError(f"{key}: cannot create the output folder {folder}: {blocker} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserInputError(f"{key}: cannot write the output folder {folder}: {e.strerror or e}") from None
 
 
 def display(path):
@@ -147,15 +183,24 @@ class Runner:
         """Run one cell in its own process; returns (cell, outcome, seconds, message)."""
         if self.stop:
             return cell, "cancelled", 0.0, ""
-        fd = lock(cell)
+        try:
+            fd = lock(cell)
+        except OSError as e:
+            return cell, "failed", 0.0, f"cannot write its folder {cell.dir}: {e.strerror or e}"
         if fd is None:
             return cell, "elsewhere", 0.0, "its folder is locked by another running process"
         try:
             if os.path.isfile(cell.path("metrics.json")):
                 return cell, "finished-before", 0.0, ""
             state, done = status(cell, check_lock=False)
+            conflict = settings_conflict(cell, state)  # another runner may have started it meanwhile
+            if conflict:
+                return cell, "failed", 0.0, conflict
             spec = cell_spec(self.exp, cell)
-            atomic_write(cell.path("cell.json"), lambda f: f.write(json.dumps(spec, indent=2).encode()))
+            try:
+                atomic_write(cell.path("cell.json"), lambda f: f.write(json.dumps(spec, indent=2).encode()))
+            except OSError as e:
+                return cell, "failed", 0.0, f"cannot write {cell.path('cell.json')}: {e.strerror or e}"
             with self._lock:
                 self.running += 1
             what = (f"resuming after epoch {done}/{cell.epochs}" if state == "partial"
@@ -260,7 +305,7 @@ def plan(exp, cells, jobs=1, shard=None):
 
     Returns: (list of lines, {cell name: seconds or None}).
     """
-    n_images = estimate.count_train_images(exp.dataset, exp.data_root)
+    n_images = exp.train_images or estimate.count_train_images(exp.dataset, exp.data_root)
     speeds, dev = estimate.measured(exp), estimate.device_type(exp)
     grid = (f"{len(exp.methods)} method(s) x {len(exp.bits)} code length(s) x {len(exp.seeds)} seed(s) "
             f"= {len(exp.cells)} cells")

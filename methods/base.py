@@ -67,6 +67,9 @@ FEATURES = ("ddp", "amp", "compile")
 
 FLOAT32 = 4
 """Bytes per float32 element, for ``memory_estimate``."""
+INT_MAX = 2 ** 31 - 1
+"""Largest value of an integer hyperparameter without a ``maximum`` of its own (seeds, epoch
+counts and sample counts beyond it overflow the C integers they end up in)."""
 LOGIT_TENSORS = 8
 """float32 (B, C) tensors alive at the peak of a step with a B x C class-score term: scores, the
 distance parts, log-softmax and the gradients of the backward pass (measured for DCDH's pull
@@ -76,7 +79,8 @@ term with ``benchmarks/class_scale.py``)."""
 @dataclass(frozen=True)
 class Hyper:
     """One hyperparameter: its paper default (its type is the parameter's type), a help text
-    and the accepted range (``minimum``/``maximum`` inclusive, ``positive`` for > 0, ``choices``)."""
+    and the accepted range (``minimum``/``maximum`` inclusive, ``positive`` for > 0, ``choices``);
+    an integer hyperparameter without a ``maximum`` is at most ``INT_MAX``."""
     default: object
     help: str
     minimum: float = None
@@ -117,8 +121,9 @@ class Hyper:
                 raise ValueError(f"{key}={value}: must be > 0")
             if self.minimum is not None and value < self.minimum:
                 raise ValueError(f"{key}={value}: must be >= {self.minimum}")
-            if self.maximum is not None and value > self.maximum:
-                raise ValueError(f"{key}={value}: must be <= {self.maximum}")
+            maximum = INT_MAX if kind is int and self.maximum is None else self.maximum
+            if maximum is not None and value > maximum:
+                raise ValueError(f"{key}={value}: must be <= {maximum}")
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"{key}={value}: expected one of {', '.join(map(str, self.choices))}")
         return value

@@ -7,11 +7,12 @@ from .ddahnet import DDAHNet
 from .ddhnet import DDHNet
 from .dfhnet import DFHNet
 from .spherenet import STAGE_UNITS, SphereNetHashing
+from . import torchvision_backbones
 from .torchvision_backbones import MIN_IMAGE_SIZE, TorchvisionHashNet
 
 __all__ = ["BACKBONES", "DEFAULT_IMAGE_SIZE", "MIN_IMAGE_SIZE", "TWO_BRANCH_BACKBONES", "DDAHNet", "DDHNet",
            "DFHNet", "SphereNetHashing", "TorchvisionHashNet", "build_model", "check_image_size",
-           "infer_backbone"]
+           "check_pretrained", "infer_backbone"]
 
 BACKBONES = ("dfhnet", "ddhnet", "ddahnet", "spherenet20", "spherenet64", "resnet18", "resnet50", "alexnet")
 """Backbone names accepted by ``--backbone``."""
@@ -56,8 +57,8 @@ def build_model(backbone, bits, pretrained=False):
         raise ValueError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
     if not isinstance(bits, int) or bits <= 0:
         raise ValueError(f"code length must be a positive integer, got {bits!r}")
-    if pretrained and backbone not in MIN_IMAGE_SIZE:
-        raise ValueError(f"--pretrained is only available for {', '.join(MIN_IMAGE_SIZE)}, not {backbone}")
+    if pretrained:
+        check_pretrained(backbone)
     if backbone == "dfhnet":
         return DFHNet(bits)
     if backbone == "ddhnet":
@@ -67,6 +68,15 @@ def build_model(backbone, bits, pretrained=False):
     if backbone.startswith("spherenet"):
         return SphereNetHashing(int(backbone[len("spherenet"):]), bits)
     return TorchvisionHashNet(backbone, bits, pretrained=pretrained)
+
+
+def check_pretrained(backbone, cache=False):
+    """Raise ValueError unless ``backbone`` has ImageNet weights (``--pretrained``); with ``cache``
+    also FileNotFoundError unless they are in the local torch cache (nothing is downloaded)."""
+    if backbone not in MIN_IMAGE_SIZE:
+        raise ValueError(f"--pretrained is only available for {', '.join(MIN_IMAGE_SIZE)}, not {backbone}")
+    if cache:
+        torchvision_backbones._cached_weights(backbone)
 
 
 def infer_backbone(state_dict):

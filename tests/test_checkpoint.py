@@ -90,3 +90,20 @@ def test_payload_message_names_the_object(tmp_path):
     torch.save(dict(minimal(), extra=Payload()), str(tmp_path / "evil.tar"))
     with pytest.raises(UserInputError, match=r"carries the Python object (posix|os)\.system"):
         load_checkpoint(str(tmp_path / "evil.tar"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"config": [1, 2]}, "'config' is a list, expected a dict"),
+    ({"config": {"method_args": "sigma=1"}}, "config 'method_args' is 'sigma=1', expected a dict"),
+    ({"config": {"method": "nope"}}, "config 'method' is 'nope', expected one of dcdh"),
+    ({"config": {"bits": "12"}}, "config 'bits' is '12', expected a positive integer"),
+    ({"config": {"recipe": {"patience": -1}}}, "config 'recipe' patience is -1"),
+    ({"epoch": "3"}, "'epoch' is '3', expected an integer >= 0"),
+    ({"best_loss": "low"}, "'best_loss' is 'low', expected a number"),
+])
+def test_malformed_config_and_state_name_the_file_and_entry(tmp_path, extra, message):
+    path = tmp_path / "m.tar"
+    torch.save(dict(minimal(), **extra), str(path))
+    with pytest.raises(UserInputError) as e:
+        load_checkpoint(str(path))
+    assert str(path) in str(e.value) and message in str(e.value) and "\n" not in str(e.value)

@@ -158,3 +158,74 @@ def test_authors_checkpoint_reproduces_reference_metrics(tmp_path):
     assert m["precision_radius_2"] == pytest.approx(ref["precision_hamming_radius_2"], abs=1e-4)
     assert m["recall_radius_2"] == pytest.approx(ref["recall_hamming_radius_2"], abs=1e-4)
     assert (m["num_queries"], m["num_database"], m["bits"]) == (1265, 4992, 12)
+
+
+def _in_process(capsys, main, parser, argv):
+    """Run a script's ``main`` in this process; returns (exit status, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(parser().parse_args(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+MALFORMED_CONFIG = [
+    ("backbone", lambda c: dict(c, backbone="resnet9000"), "config 'backbone' is 'resnet9000'"),
+    ("list", lambda c: list(c), "'config' is a list, expected a dict"),
+    ("method_args", lambda c: dict(c, method_args="sigma=1"), "config 'method_args' is 'sigma=1', expected a dict"),
+    ("method", lambda c: dict(c, method="nope"), "config 'method' is 'nope', expected one of dcdh"),
+]
+
+
+@pytest.mark.parametrize("change,needle", [m[1:] for m in MALFORMED_CONFIG], ids=[m[0] for m in MALFORMED_CONFIG])
+def test_malformed_checkpoint_config_is_one_line_exit_2(trained, synthetic_root, tmp_path, capsys, change, needle):
+    """A checkpoint whose config was damaged: evaluation.py, search.py index and dcdh_train.py
+    --resume each name the file and the entry (exit 2, one line), and the file is left as it was."""
+    import dcdh_train
+    import evaluation
+    import search
+    out, _ = trained
+    for name in ("m.tar", "m.last.tar"):
+        ck = torch.load(out / name, map_location="cpu", weights_only=True)
+        ck["config"] = change(ck["config"])
+        torch.save(ck, tmp_path / name)
+    before = {n: (tmp_path / n).read_bytes() for n in ("m.tar", "m.last.tar")}
+    bad = str(tmp_path / "m.tar")
+    calls = [
+        (evaluation.main, evaluation.get_args_parser,
+         ["--load", bad, "--dataset", "ddh", "--data-root", synthetic_root, "--device", "cpu"], bad),
+        (search.main, search.get_args_parser,
+         ["index", "--load", bad, "--gallery", synthetic_root, "--out", str(tmp_path / "ix"), "--device", "cpu"], bad),
+        (dcdh_train.main, dcdh_train.get_args_parser,
+         ["--dataset", "ddh", "--data-root", synthetic_root, "--len", "12", "--epochs", "3", "--bs", "32",
+          "--save", "m.tar", "--checkpoint-dir", str(tmp_path), "--eval-every", "0", "--device", "cpu",
+          "--resume"], str(tmp_path / "m.last.tar")),
+    ]
+    for main, parser, argv, path in calls:
+        code, err = _in_process(capsys, main, parser, argv)
+        assert code == 2, (main.__module__, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        # --resume compares the backbone with this run's: its message names the entry its own way
+        assert path in err and (needle in err or "its backbone is 'resnet9000'" in err), err
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert not (tmp_path / "ix").exists()
+
+
+def test_malformed_checkpoint_config_on_the_command_line(trained, synthetic_root, tmp_path):
+    out, _ = trained
+    ck = torch.load(out / "m.tar", map_location="cpu", weights_only=True)
+    torch.save(dict(ck, config=["dcdh"]), tmp_path / "list.tar")
+    r = run_script("evaluation.py", "--load", str(tmp_path / "list.tar"), "--dataset", "ddh", "--data-root",
+                   synthetic_root, "--device", "cpu")
+    one_line_error(r, str(tmp_path / "list.tar"), "malformed checkpoint: 'config' is a list")
+
+
+def test_repeated_method_args_accumulate_and_a_repeated_key_is_an_error(capsys):
+    import dcdh_train
+    parse = dcdh_train.get_args_parser().parse_args
+    args = parse(["--method", "dsdh", "--method-args", "mu=2", "--method-args", "nu=3", "dcc_iter=4"])
+    assert dcdh_train.method_hparams(args) == {"mu": 2.0, "nu": 3.0, "dcc_iter": 4}
+    for argv, needle in ((["--method-args", "eta=1", "--method-args", "eta=2"], "--method-args: eta is given twice"),
+                         (["--method-args", "help", "eta=1"], "--method-args help lists the method's hyperparameters"),
+                         (["--method-args", "eta=1", "--method-args", "help"], "give 'help' alone")):
+        code, err = _in_process(capsys, dcdh_train.main, dcdh_train.get_args_parser, ["--method", "dpsh", *argv])
+        assert code == 2 and err.count("\n") == 1 and needle in err, err

@@ -56,6 +56,26 @@ def test_method_args_errors():
         parse_method_args("nope", [])
 
 
+@pytest.mark.parametrize("name,key", [("dcwh", "update_every"), ("csq", "seed"), ("orthohash", "seed"),
+                                      ("dsdh", "dcc_iter"), ("dtsh", "positives")])
+def test_integer_hyperparameters_have_a_maximum(name, key):
+    """An integer hyperparameter without a maximum of its own stops at 2**31-1 (larger values
+    overflowed the C integers they reach: a seed, an epoch count) with a clear message."""
+    assert parse_method_args(name, [f"{key}={2 ** 31 - 1}"]) == {key: 2 ** 31 - 1}
+    with pytest.raises(ValueError, match=rf"^{key}={10 ** 30}: must be <= 2147483647$"):
+        parse_method_args(name, [f"{key}={10 ** 30}"])
+    with pytest.raises(ValueError, match="must be <= 2147483647"):
+        METHODS[name].hyperparameters[key].parse(key, 2 ** 31)   # typed values (experiment files) too
+
+
+def test_huge_integer_hyperparameter_on_the_command_line_is_one_line_exit_2(tmp_path):
+    r = run_script("dcdh_train.py", "--method", "dcwh", "--method-args", f"update_every={10 ** 30}",
+                   "--checkpoint-dir", str(tmp_path / "ck"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert f"--method-args: update_every={10 ** 30}: must be <= 2147483647" in r.stderr
+    assert not (tmp_path / "ck").exists()
+
+
 def test_recipe_resolution():
     r = resolve_recipe("dfhnet")
     assert (r["optimizer"], r["lr"], r["epochs"], r["patience"]) == ("adam", 0.005, 600, 150)

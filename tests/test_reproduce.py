@@ -164,7 +164,7 @@ BAD = [
      "overrides.dcdh.method_args: method dcdh has no hyperparameter 'gamma'"),
     ("[overrides.dpsh]\nepochs = 2", "overrides.dpsh: 'dpsh' is not in methods"),
     ('dataset = "mnist"', "dataset: 'mnist' is unknown"),
-    ("[overrides.csq]\nbackbone = \"ddahnet\"", "overrides.csq (cell csq-8b-s0): --backbone ddahnet"),
+    ("[overrides.csq]\nbackbone = \"ddahnet\"", "overrides.csq.backbone (cell csq-8b-s0): --backbone ddahnet"),
     ("bits = [8", "not valid TOML"),
 ]
 
@@ -236,3 +236,121 @@ def test_tables_show_mean_and_deviation_over_seeds(synthetic_root, tmp_path):
     assert "| CSQ | **50.00 ± 0.00** | — |" in table
     assert r"\textbf{50.00 $\pm$ 0.00}" in (out / "table_map.tex").read_text()
     assert len(_rows(out / "results.csv")) == 3 + 3 + 2
+
+
+def _reproduce(capsys, *argv):
+    """reproduce.py in this process: (exit status, stdout, stderr)."""
+    import reproduce
+    capsys.readouterr()
+    try:
+        code = reproduce.main(reproduce.get_args_parser().parse_args([str(a) for a in argv]))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line(code, err, *needles):
+    assert code == 2, err
+    assert err.startswith("reproduce.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+SETUP_REFUSED = [
+    ("pretrained", ("bs = 32", "bs = 32\npretrained = true"), None,
+     "train.pretrained (cell dcdh-8b-s0): --pretrained is only available for resnet18, resnet50, alexnet, not dfhnet"),
+    ("bs", ("bs = 32", "bs = 1000"), None,
+     "train.bs (cell dcdh-8b-s0): 1000 is larger than the training set (128 images in"),
+    ("device-tpu", ('device = "cpu"', 'device = "tpu"'), None, "device: 'tpu': expected cpu, cuda or cuda:N"),
+    ("device-cuda", ('device = "cpu"', 'device = "cuda"'), None,
+     "device: 'cuda': no CUDA GPU is available on this machine"),
+    ("huge-int", ("patience = 3", f"patience = 3\n[overrides.csq]\nmethod_args = {{ seed = {10 ** 30} }}"), None,
+     f"overrides.csq.method_args: seed={10 ** 30}: must be <= 2147483647"),
+    ("memory-env", None, "lots",
+     "DCDH_MEMORY_LIMIT_BYTES='lots' (environment): expected a number of bytes"),
+]
+
+
+@pytest.mark.parametrize("change,env,message", [c[1:] for c in SETUP_REFUSED], ids=[c[0] for c in SETUP_REFUSED])
+def test_settings_the_trainer_refuses_stop_the_grid_before_any_folder(synthetic_root, tmp_path, capsys, monkeypatch,
+                                                                      change, env, message):
+    """Settings dcdh_train.py would refuse in each cell (exit 1 per cell, and a folder that then
+    blocked the corrected file) are one line naming the key, exit 2, before any folder is made."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    if env is not None:
+        monkeypatch.setenv("DCDH_MEMORY_LIMIT_BYTES", env)
+    text = TINY.format(root=synthetic_root)
+    path = tmp_path / "exp.toml"
+    path.write_text(text.replace(*change) if change else text)
+    code, out, err = _reproduce(capsys, path, "--out", tmp_path / "runs")
+    _one_line(code, err, message)
+    if env is None:
+        assert str(path) in err
+    assert out == "" and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_notes_a_missing_gpu_but_lists_the_cells(synthetic_root, tmp_path, capsys, monkeypatch):
+    """A grid may be planned on a machine without its GPU (a cluster's login node)."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "exp.toml"
+    path.write_text(TINY.format(root=synthetic_root).replace('device = "cpu"', 'device = "cuda"'))
+    code, out, err = _reproduce(capsys, path, "--out", tmp_path / "runs", "--dry-run")
+    assert code == 0 and err == "" and "dcdh-8b-s0" in out
+    assert "note: this machine cannot run the cells: " in out and "no CUDA GPU" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_out_folder_that_cannot_be_made_is_one_line_exit_2(synthetic_root, tmp_path, capsys):
+    path = tmp_path / "exp.toml"
+    path.write_text(TINY.format(root=synthetic_root))
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    code, _, err = _reproduce(capsys, path, "--out", blocker / "runs")
+    _one_line(code, err, f"--out {blocker / 'runs'}: cannot create the output folder",
+              f"{blocker} is a file, not a folder")
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_folder_is_one_line_exit_2(synthetic_root, tmp_path, capsys):
+    path = tmp_path / "exp.toml"
+    path.write_text(TINY.format(root=synthetic_root))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, _, err = _reproduce(capsys, path, "--out", locked)
+    finally:
+        locked.chmod(0o755)
+    _one_line(code, err, f"--out {locked}: cannot", "Permission denied")
+
+
+def test_cell_folder_without_progress_takes_the_corrected_settings(synthetic_root, tmp_path):
+    """A cell that failed during setup left cell.json and cell.out but no epoch or checkpoint:
+    a rerun with other settings takes the folder over; once it holds progress it is refused."""
+    from grid.runner import Runner
+    path = tmp_path / "exp.toml"
+    path.write_text(TINY.format(root=synthetic_root))
+    exp = load_experiment(str(path), out=str(tmp_path))
+    cell = exp.cells[0]
+    os.makedirs(cell.dir)
+    with open(cell.path("cell.json"), "w") as f:
+        json.dump({"settings": dict(cell.settings, bs=100000)}, f)
+    with open(cell.path("cell.out"), "w") as f:
+        f.write("dcdh_train.py: error: --bs 100000 is larger than the training set (128 images)\n")
+    check_settings(exp.cells)  # no progress: nothing to refuse
+    with open(cell.path("model.last.tar"), "wb") as f:  # a checkpoint: progress with the old settings
+        f.write(b"x")
+    with pytest.raises(UserInputError, match=r"started with other settings \(bs 100000 -> 32\)"):
+        check_settings(exp.cells)
+    # a runner that got past the check (another runner started the cell meanwhile) refuses it too
+    outcome = Runner(exp, [cell], say=lambda line: None).run_cell(cell)
+    assert outcome[1] == "failed" and "started with other settings" in outcome[3]
+
+
+def test_negative_shard_names_what_is_expected(tmp_path, capsys):
+    code, _, err = _reproduce(capsys, tmp_path / "x.toml", "--shard", "-1/2")
+    _one_line(code, err, "--shard -1/2: expected I/N with 0 <= I < N")

@@ -63,14 +63,73 @@ def resolve_checkpoint(name, directory=DEFAULT_DIR):
                          + " and ".join(repr(c) for c in candidates) + ")")
 
 
+CONFIG_TYPES = {
+    # config entry: (type, what is expected); None is taken as absent
+    "method": (str, "a method name"),
+    "method_args": (dict, "a dict of hyperparameters"),
+    "backbone": (str, "a network name"),
+    "bits": (int, "a positive integer"),
+    "image_size": (int, "a positive integer"),
+    "num_classes": (int, "a positive integer"),
+    "epochs": (int, "a positive integer"),
+    "optimizer": (str, "an optimizer name"),
+    "recipe": (dict, "a dict (optimizer, lr, epochs, patience, ...)"),
+    "label_map": (list, "a list of identities"),
+}
+"""Types of the ``config`` entries the scripts read; a file that breaks them is refused in one line."""
+
+STATE_TYPES = {"epoch": (int, 0), "best_epoch": (int, -1), "best_loss": ((int, float), None)}
+"""Types (and least values) of the training-state entries ``--resume`` reads."""
+
+
+def _check_fields(path, ckpt):
+    """Raise UserInputError naming ``path`` and the entry when ``config`` or the training-state
+    entries have the wrong type (the file was edited or written by something else)."""
+    for key, (kind, low) in STATE_TYPES.items():
+        value = ckpt.get(key)
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, kind) or (low is not None and value < low):
+            expected = "a number" if low is None else f"an integer >= {low}"
+            raise UserInputError(f"{path}: malformed checkpoint: '{key}' is {value!r}, expected {expected}")
+    config = ckpt.get("config")
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise UserInputError(f"{path}: malformed checkpoint: 'config' is a {type(config).__name__}, expected a "
+                             "dict of the run's settings")
+    for key, (kind, expected) in CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        bad = isinstance(value, bool) or not isinstance(value, kind)
+        if not bad and kind is int and value < 1:
+            bad = True
+        if bad:
+            shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+            raise UserInputError(f"{path}: malformed checkpoint: config '{key}' is {shown}, expected {expected}")
+    from methods import METHODS  # imported here: utils stays importable without the methods
+    if config.get("method") is not None and config["method"] not in METHODS:
+        raise UserInputError(f"{path}: malformed checkpoint: config 'method' is {config['method']!r}, "
+                             f"expected one of {', '.join(METHODS)}")
+    patience = (config.get("recipe") or {}).get("patience")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 0):
+        raise UserInputError(f"{path}: malformed checkpoint: config 'recipe' patience is {patience!r}, "
+                             "expected an integer >= 0")
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint with ``weights_only=True`` and check its layout.
 
     Returns: the checkpoint dict (at least ``backbone`` and ``centers``; for DCDH, the method
     when ``config`` names none, ``centers`` must hold a (C, K) tensor ``centers``).
     Raises: UserInputError when the file is missing, truncated or corrupt, carries anything
-    other than tensors and plain values (a code payload is refused and never runs), or lacks
-    the ``backbone``/``centers`` entries.
+    other than tensors and plain values (a code payload is refused and never runs), lacks
+    the ``backbone``/``centers`` entries, or holds a malformed ``config`` (not a dict, or an
+    entry of ``CONFIG_TYPES`` of another type, a method not in ``methods.METHODS``) or training
+    state (``STATE_TYPES``).
     """
     if not os.path.isfile(path):
         raise UserInputError(f"{path}: no such checkpoint file")
@@ -94,7 +153,11 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserInputError(f"{path}: not a DCDH checkpoint (expected keys 'backbone' and 'centers', got {keys})")
     if not isinstance(ckpt["centers"], dict):
         raise UserInputError(f"{path}: 'centers' must hold the method's state (a dict of tensors)")
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    if not isinstance(ckpt["backbone"], dict):
+        raise UserInputError(f"{path}: malformed checkpoint: 'backbone' must hold the network's weights "
+                             "(a dict of tensors)")
+    _check_fields(path, ckpt)
+    config = ckpt.get("config") or {}
     if config.get("method", "dcdh") == "dcdh":  # the authors' files carry no method: DCDH
         centers = ckpt["centers"].get("centers")
         if not isinstance(centers, torch.Tensor) or centers.dim() != 2:

@@ -6,6 +6,21 @@ import torch
 from .errors import UserInputError
 
 
+def parse_device(name):
+    """``--device`` value -> torch.device, checking only the name (cpu, cuda or cuda:N), not whether
+    this machine has it (an experiment file may be checked on a machine without its GPU).
+
+    Raises: UserInputError for an unparsable name or another device type.
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserInputError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserInputError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    return device
+
+
 def resolve_device(name=None):
     """``--device`` value -> torch.device; None picks CUDA when available, else CPU.
 
@@ -13,17 +28,12 @@ def resolve_device(name=None):
     """
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserInputError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    device = parse_device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserInputError(f"--device {name}: no CUDA GPU is available on this machine (use --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserInputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise UserInputError(f"--device {name!r}: expected cpu, cuda or cuda:N")
     return device
 
 
