@@ -110,10 +110,6 @@ def _check_fields(path, ckpt):
         if bad:
             shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
             raise UserInputError(f"{path}: malformed checkpoint: config '{key}' is {shown}, expected {expected}")
-    from methods import METHODS  # imported here: utils stays importable without the methods
-    if config.get("method") is not None and config["method"] not in METHODS:
-        raise UserInputError(f"{path}: malformed checkpoint: config 'method' is {config['method']!r}, "
-                             f"expected one of {', '.join(METHODS)}")
     patience = (config.get("recipe") or {}).get("patience")
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 0):
         raise UserInputError(f"{path}: malformed checkpoint: config 'recipe' patience is {patience!r}, "
@@ -128,8 +124,9 @@ def load_checkpoint(path, map_location="cpu"):
     Raises: UserInputError when the file is missing, truncated or corrupt, carries anything
     other than tensors and plain values (a code payload is refused and never runs), lacks
     the ``backbone``/``centers`` entries, or holds a malformed ``config`` (not a dict, or an
-    entry of ``CONFIG_TYPES`` of another type, a method not in ``methods.METHODS``) or training
-    state (``STATE_TYPES``).
+    entry of ``CONFIG_TYPES`` of another type) or training state (``STATE_TYPES``). A method
+    name this code does not know is not an error here: evaluation and search need only the
+    network (``--resume`` refuses it when it builds the method).
     """
     if not os.path.isfile(path):
         raise UserInputError(f"{path}: no such checkpoint file")
