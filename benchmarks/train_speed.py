@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py [--device cpu|cuda] [--steps 10] [--bs 256] [--amp]
                                      [--compile MODE] [--threads N] [--thread-scaling]
+    python benchmarks/train_speed.py --method dcwh dpsh csq [--images 4992 --classes 299] [--amp]
 
 Both train the same DFHNet (48 bits) with the DCDH loss on the same synthetic FaceScrub-size
 data (67,177 images of 3x32x32, 530 identities), in the same process, alternating A/B rounds:
@@ -16,6 +17,14 @@ data (67,177 images of 3x32x32, 530 identities), in the same process, alternatin
 Prints images/s of each (median over rounds) and the ratio project / baseline. With
 ``--thread-scaling`` it also times the project's trainer with one CPU thread, to show how much
 the second core adds.
+
+``--method NAME ...`` compares methods instead: the project's trainer with DCDH (the baseline)
+and with each named method (``methods.METHODS``; its default network, DFHNet unless the method
+requires its own, and its optimizer recipe), on the same data in the same process, alternating
+rounds. A method's ``epoch_end`` hook (DSDH's code update, DCWH's center update) runs once per
+epoch; it is timed apart and charged to the steps of one epoch of ``--images`` images, so the
+"per epoch" figure is what a training run sees. The per-step time is split into the network
+(forward and backward of a plain squared loss on its codes) and the method's share (the rest).
 """
 import argparse
 import os
@@ -88,6 +97,8 @@ def main():
     p.add_argument("--no-baseline", action="store_true", help="time the project's trainer only")
     p.add_argument("--thread-scaling", action="store_true",
                    help="also time the project's trainer with 1 CPU thread")
+    p.add_argument("--method", nargs="+", default=None, metavar="NAME",
+                   help="compare these methods with DCDH (images/s of the project's trainer, same data)")
     args = p.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import numpy as np
@@ -111,6 +122,12 @@ def main():
         torch.set_num_threads(args.threads)
 
     amp = (device.type == "cuda" and not args.no_amp) or args.amp
+    if args.method:
+        from methods import METHODS
+        unknown = [m for m in args.method if m not in METHODS]
+        if unknown:
+            p.error(f"--method {' '.join(unknown)}: expected names of {', '.join(METHODS)}")
+        return compare_methods(args, device, amp)
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, (args.images, 3072), dtype=np.uint8)
     labels = rng.integers(0, args.classes, args.images)
@@ -205,6 +222,100 @@ def main():
         torch.set_num_threads(threads)
         print(f"project (eager) with 1 CPU thread: {one:.1f} images/s; with {threads}: {med['project']:.1f} "
               f"images/s ({med['project'] / one:.2f}x)")
+
+
+def compare_methods(args, device, amp):
+    """``--method``: images/s of the project's trainer for DCDH and each named method (see the
+    module docstring). Prints one line per round and a table of medians with ratios to DCDH."""
+    import numpy as np
+    import torch
+
+    from data.ddh import DDHSplit
+    from data.device_loader import DeviceBatches
+    from engine.loop import training_step
+    from engine.recipes import build_optimizer, resolve_recipe
+    from methods import METHODS, build_method
+    from models import build_model
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (args.images, 3072), dtype=np.uint8)
+    labels = rng.integers(0, args.classes, args.images)
+    split = DDHSplit.from_arrays(raw, labels)
+    loader = DeviceBatches(split, args.bs, device, shuffle=True, drop_last=True, with_index=True)
+    steps_per_epoch = args.images // args.bs
+    names = ["dcdh"] + [m for m in args.method if m != "dcdh"]
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"{args.images} images, {args.classes} classes, {args.bits} bits, batch {args.bs}, amp {amp}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def batches():
+        while True:
+            yield from loader
+
+    def one(name):
+        """(images/s of the steps, seconds of one epoch_end, network-only images/s)."""
+        torch.manual_seed(0)
+        backbone = METHODS[name].requires_backbone or "dfhnet"
+        model = build_model(backbone, args.bits).to(device, memory_format=torch.channels_last)
+        method = build_method(name, args.classes, args.bits, train_labels=split.labels).to(device)
+        recipe = resolve_recipe(backbone, METHODS[name].recipe)
+        opt = build_optimizer(recipe, model, method)
+        model.train()
+        method.train()
+        it = batches()
+
+        def step():
+            imgs, y, idx = next(it)
+            training_step(model, method, opt, imgs.contiguous(memory_format=torch.channels_last), y, idx, amp=amp)
+
+        step()  # warm-up
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        step_s = (time.perf_counter() - t) / args.steps
+        t = time.perf_counter()
+        with torch.no_grad():
+            method.epoch_end()
+        sync()
+        hook_s = time.perf_counter() - t
+        # the network alone: forward/backward of a plain loss on its codes, same optimizer step
+        net_opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            imgs, y, idx = next(it)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                codes = model(imgs.contiguous(memory_format=torch.channels_last))
+            net_opt.zero_grad(set_to_none=True)
+            codes.float().pow(2).mean().backward()
+            net_opt.step()
+        sync()
+        net_s = (time.perf_counter() - t) / args.steps
+        return args.bs / step_s, hook_s, args.bs / net_s, backbone
+
+    results = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names:
+            results[name].append(one(name))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1][0]:.0f} images/s" for n, v in results.items()), flush=True)
+    base = None
+    print(f"{'method':10s} {'network':8s} {'steps':>12s} {'epoch_end':>10s} {'per epoch':>12s} {'vs dcdh':>8s} "
+          f"{'network alone':>14s} {'method share':>12s}")
+    for name, rows in results.items():
+        ips = statistics.median(r[0] for r in rows)
+        hook = statistics.median(r[1] for r in rows)
+        net = statistics.median(r[2] for r in rows)
+        per_epoch = steps_per_epoch * args.bs / (steps_per_epoch * args.bs / ips + hook)
+        base = base or per_epoch
+        share = 1 - ips / net if net > 0 else float("nan")  # share of a step's time outside the network
+        print(f"{name:10s} {rows[0][3]:8s} {ips:9.0f} i/s {hook:9.3f}s {per_epoch:8.0f} i/s {per_epoch / base:7.2f}x "
+              f"{net:10.0f} i/s {100 * share:11.0f}%")
+
 
 if __name__ == "__main__":
     main()
