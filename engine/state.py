@@ -97,6 +97,11 @@ def restore(path, model, method, optimizer, config, best_path):
     if "method_args" not in old:  # files from before the method registry: DCDH with the authors' flags
         old["method_args"] = {k: old[k] for k in config["method_args"] if k in old} or config["method_args"]
         old["method_args"] = {**config["method_args"], **old["method_args"]}
+    elif old.get("method") == config["method"]:
+        # a hyperparameter added to the method after the file was written: the file's run used
+        # what is now its default
+        old["method_args"] = {**{k: h.default for k, h in type(method).hyperparameters.items()
+                                 if k not in old["method_args"]}, **old["method_args"]}
     old.setdefault("optimizer", config["optimizer"])
     for key in MUST_MATCH:
         if old.get(key) != config[key]:

@@ -50,16 +50,39 @@ def code_version():
         return "unknown"
 
 
-def lock(cell):
-    """An fd holding the cell's lock, or None when another process holds it."""
+def lock(cell, tries=10, wait=0.2):
+    """An fd holding the cell's lock, or None when another process holds it after ``tries``
+    attempts ``wait`` seconds apart (another runner's ``status`` probe holds it for an instant)."""
     os.makedirs(cell.dir, exist_ok=True)
     fd = os.open(cell.path(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(wait)
+    os.close(fd)
+    return None
+
+
+def locked_elsewhere(cell):
+    """True when another process holds the cell's lock (a running cell). The probe opens the lock
+    file read-only (results of another user or on a read-only mount can still be listed) and
+    holds it for an instant only; False when it cannot be opened."""
+    try:
+        fd = os.open(cell.path(".lock"), os.O_RDONLY)
+    except OSError:
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
     except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
         os.close(fd)
-        return None
-    return fd
 
 
 def status(cell, check_lock=True):
@@ -68,11 +91,8 @@ def status(cell, check_lock=True):
     ``check_lock`` False: the caller holds the lock (a second flock would see it as taken)."""
     if os.path.isfile(cell.path("metrics.json")):
         return "finished", cell.epochs
-    if check_lock and os.path.isfile(cell.path(".lock")):
-        fd = lock(cell)
-        if fd is None:
-            return "running", estimate.read_log(cell.path("model.log"))[1]
-        os.close(fd)
+    if check_lock and os.path.isfile(cell.path(".lock")) and locked_elsewhere(cell):
+        return "running", estimate.read_log(cell.path("model.log"))[1]
     done = estimate.read_log(cell.path("model.log"))[1]
     started = done or os.path.isfile(cell.path("model.last.tar")) or os.path.isfile(cell.path("model.tar"))
     return ("partial" if started else "todo"), done
@@ -93,10 +113,15 @@ def settings_conflict(cell, state):
     try:
         with open(cell.path("cell.json")) as f:
             old = json.load(f)["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if not isinstance(old, dict):
+            raise TypeError
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError, KeyError, TypeError):  # progress, but its settings cannot be read
+        return (f"{cell.dir}: this cell has progress but its cell.json cannot be read, so its settings are "
+                "unknown; delete the folder to start it again")
     new = json.loads(json.dumps(cell.settings))
-    if not isinstance(old, dict) or old == new:
+    if old == new:
         return None
     diff = ", ".join(f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
                      for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))

@@ -253,3 +253,22 @@ def test_repeated_method_args_accumulate_and_a_repeated_key_is_an_error(capsys):
                          (["--method-args", "eta=1", "--method-args", "help"], "give 'help' alone")):
         code, err = _in_process(capsys, dcdh_train.main, dcdh_train.get_args_parser, ["--method", "dpsh", *argv])
         assert code == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_resume_of_a_file_without_a_newer_hyperparameter_uses_its_default(trained, synthetic_root, tmp_path):
+    """A checkpoint written before a hyperparameter was added to its method (here DCDH's
+    authors_push_constant, at its default) resumes; the same key at another value is refused."""
+    out, _ = trained
+    for name in ("m.tar", "m.last.tar"):
+        ck = torch.load(out / name, map_location="cpu", weights_only=True)
+        args = dict(ck["config"]["method_args"])
+        assert args.pop("authors_push_constant") is False
+        torch.save(dict(ck, config=dict(ck["config"], method_args=args)), tmp_path / name)
+    common = ("dcdh_train.py", "--dataset", "ddh", "--data-root", synthetic_root, "--len", "12", "--epochs", "3",
+              "--bs", "32", "--save", "m.tar", "--checkpoint-dir", str(tmp_path), "--eval-every", "0",
+              "--device", "cpu", "--resume")
+    r = run_script(*common[:-1], "--method-args", "authors_push_constant=true", "--resume")
+    one_line_error(r, "authors_push_constant False vs True")
+    r = run_script(*common)
+    assert r.returncode == 0, r.stderr
+    assert "[epoch 3/3]" in r.stdout + r.stderr

@@ -354,3 +354,40 @@ def test_cell_folder_without_progress_takes_the_corrected_settings(synthetic_roo
 def test_negative_shard_names_what_is_expected(tmp_path, capsys):
     code, _, err = _reproduce(capsys, tmp_path / "x.toml", "--shard", "-1/2")
     _one_line(code, err, "--shard -1/2: expected I/N with 0 <= I < N")
+
+
+def test_cell_with_progress_and_unreadable_settings_is_refused(tmp_path):
+    """Progress (an epoch in the log) but a damaged cell.json: the settings it was started with are
+    unknown, so the cell is refused rather than resumed with possibly other settings; without
+    progress, or without any cell.json, it may run."""
+    from grid.config import Cell
+    from grid.runner import settings_conflict
+    cell = Cell("dcdh", 8, 0, str(tmp_path), [], [], {"epochs": 2})
+    (tmp_path / "cell.json").write_text("{not json")
+    message = settings_conflict(cell, "partial")
+    assert message and "cell.json cannot be read" in message and str(tmp_path) in message
+    assert settings_conflict(cell, "todo") is None
+    (tmp_path / "cell.json").unlink()
+    assert settings_conflict(cell, "partial") is None
+    (tmp_path / "cell.json").write_text('{"settings": {"epochs": 3}}')
+    assert "epochs 3 -> 2" in settings_conflict(cell, "partial")
+
+
+def test_lock_probe_does_not_take_a_cell_from_its_runner(tmp_path):
+    """status() of another invocation (--dry-run, --report) only probes the lock: a runner that
+    asks for the lock at that instant retries and gets it; a cell held by a runner reads as running."""
+    import fcntl
+    from grid.config import Cell
+    from grid.runner import lock, locked_elsewhere, status
+    cell = Cell("dcdh", 8, 0, str(tmp_path), [], [], {})
+    fd = lock(cell)
+    assert fd is not None and locked_elsewhere(cell) and status(cell)[0] == "running"
+    os.close(fd)
+    assert not locked_elsewhere(cell) and status(cell)[0] == "todo"
+    probe = os.open(cell.path(".lock"), os.O_RDONLY)   # a probe holding the lock for a moment
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    import threading
+    threading.Timer(0.3, os.close, (probe,)).start()
+    fd = lock(cell)                                     # retries until the probe lets go
+    assert fd is not None
+    os.close(fd)
