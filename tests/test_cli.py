@@ -272,3 +272,24 @@ def test_resume_of_a_file_without_a_newer_hyperparameter_uses_its_default(traine
     r = run_script(*common)
     assert r.returncode == 0, r.stderr
     assert "[epoch 3/3]" in r.stdout + r.stderr
+
+
+def test_eta_line_after_each_epoch_with_output_redirected(trained):
+    """With output redirected (no progress bar), every epoch still logs a line with the measured
+    seconds per epoch and, before the last epoch, the time left at that pace (seconds per epoch x
+    epochs left, to the rounding of the printed figures)."""
+    import re
+    from dcdh_train import format_duration
+    out, r = trained
+    text = r.stdout + r.stderr
+    lines = [line for line in text.splitlines() if line.startswith("[epoch ")]
+    assert [line.split("]")[0] for line in lines] == ["[epoch 1/2", "[epoch 2/2"]
+    first = re.search(r"images/s, ([\d.]+) s/epoch, at most (?:(\d+)min )?(\d+)s left \(1 epoch; early stopping "
+                      r"may end sooner\)$", lines[0])
+    assert first, lines[0]
+    per_epoch, left = float(first.group(1)), int(first.group(2) or 0) * 60 + int(first.group(3))
+    assert abs(left - per_epoch * 1) <= 1, lines[0]
+    assert re.search(r"[\d.]+ s/epoch$", lines[1]) and "left" not in lines[1], lines[1]
+    assert (format_duration(42), format_duration(185), format_duration(3725)) == ("42s", "3min 05s", "1h 02min")
+    with open(out / "m.log", encoding="utf-8") as f:  # the log file holds the same lines
+        assert [line for line in f.read().splitlines() if "[epoch " in line][0].endswith(lines[0].split("] ", 1)[1])
