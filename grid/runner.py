@@ -181,6 +181,7 @@ class Runner:
         self._say, self.procs, self.stop = say, set(), False
         self.finished, self.failed, self.running, self.elsewhere, self.trained = 0, [], 0, [], 0
         self.durations, self.estimates = [], {}
+        self.resumed = set()  # cells continued from an earlier run: their time is not a whole cell's
 
     def say(self, line):
         with self._lock:
@@ -228,6 +229,9 @@ class Runner:
                 return cell, "failed", 0.0, f"cannot write {cell.path('cell.json')}: {e.strerror or e}"
             with self._lock:
                 self.running += 1
+            if state == "partial":
+                with self._lock:
+                    self.resumed.add(cell.name)
             what = (f"resuming after epoch {done}/{cell.epochs}" if state == "partial"
                     else f"{cell.epochs} epoch{'s' if cell.epochs != 1 else ''}")
             self.say(f"{self.progress()} start {cell.name} ({what}); output in {display(cell.path('cell.out'))}")
@@ -291,7 +295,8 @@ class Runner:
         if outcome == "finished":
             self.finished += 1
             self.trained += 1
-            self.durations.append(seconds)
+            if cell.name not in self.resumed:  # the time-left estimate averages whole cells only
+                self.durations.append(seconds)
             m = report.read_metrics(cell)
             figures = (f": mAP {100 * m['metrics']['map']:.2f}%, precision/recall within radius 2 "
                        f"{100 * m['metrics']['precision_radius_2']:.2f}%/{100 * m['metrics']['recall_radius_2']:.2f}%, "
