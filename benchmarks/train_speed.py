@@ -276,13 +276,16 @@ def compare_methods(args, device, amp):
             imgs, y, idx = next(it)
             training_step(model, method, opt, imgs.contiguous(memory_format=torch.channels_last), y, idx, amp=amp)
 
-        step()  # warm-up
-        sync()
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync()
-        step_s = (time.perf_counter() - t) / args.steps
+        def seconds_per_step(fn):  # one untimed warm-up, then the mean over --steps
+            fn()
+            sync()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            sync()
+            return (time.perf_counter() - t) / args.steps
+
+        step_s = seconds_per_step(step)
         hooks = []
         for _ in range(2):  # the second call is timed: the first may pay one-time setup
             t = time.perf_counter()
@@ -305,13 +308,7 @@ def compare_methods(args, device, amp):
             codes.float().pow(2).mean().backward()
             net_opt.step()
 
-        net_step()  # warm-up
-        sync()
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            net_step()
-        sync()
-        net_s = (time.perf_counter() - t) / args.steps
+        net_s = seconds_per_step(net_step)
         return args.bs / step_s, hook_s, args.bs / net_s, backbone
 
     results = {name: [] for name in names}

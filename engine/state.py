@@ -9,11 +9,10 @@ memory banks), the optimizer, the epoch counters, the CPU and CUDA random states
 import glob
 import math
 import os
-import tempfile
 
 import torch
 
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, make_writable_folder
 from utils.errors import UserInputError
 
 MUST_MATCH = ("method", "method_args", "backbone", "bits", "num_classes", "image_size", "optimizer")
@@ -29,17 +28,7 @@ def output_paths(save, checkpoint_dir):
     """
     path = save if os.path.dirname(save) else os.path.join(checkpoint_dir, save)
     folder = os.path.dirname(os.path.abspath(path))
-    blocker = folder
-    while blocker and not os.path.exists(blocker):
-        blocker = os.path.dirname(blocker)
-    if blocker and not os.path.isdir(blocker):
-        raise UserInputError(f"cannot write checkpoints to {folder}: {blocker} is a file, not a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserInputError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
+    make_writable_folder(folder, f"cannot write checkpoints to {folder}", f"cannot write checkpoints to {folder}")
     stem, ext = os.path.splitext(path)
     last = f"{stem}.last{ext or '.tar'}"
     for target in (path, last, f"{stem}.log"):

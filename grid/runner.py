@@ -18,12 +18,11 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-from utils.checkpoint import atomic_write
+from utils.checkpoint import atomic_write, make_writable_folder
 from utils.errors import UserInputError
 
 from . import estimate, report
@@ -142,17 +141,8 @@ def make_out_dir(exp, key):
     """Create the experiment's output folder (``key``: ``--out`` or the file's ``out``, for the
     message). Raises: UserInputError, one line, when it cannot be created or written."""
     folder = exp.out_dir
-    blocker = folder
-    while blocker and not os.path.exists(blocker):
-        blocker = os.path.dirname(blocker)
-    if blocker and not os.path.isdir(blocker):
-        raise UserInputError(f"{key}: cannot create the output folder {folder}: {blocker} is a file, not a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserInputError(f"{key}: cannot write the output folder {folder}: {e.strerror or e}") from None
+    make_writable_folder(folder, f"{key}: cannot create the output folder {folder}",
+                         f"{key}: cannot write the output folder {folder}")
 
 
 def display(path):

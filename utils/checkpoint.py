@@ -20,6 +20,26 @@ DEFAULT_DIR = "checkpoint"
 """Where the authors' scripts read and write checkpoints (``./checkpoint``)."""
 
 
+def make_writable_folder(folder, blocked, failed):
+    """Create ``folder`` (and its parents) and check that a file can be written in it.
+
+    ``blocked`` and ``failed`` start the one-line messages: ``f"{blocked}: X is a file, not a
+    folder"`` when a path on the way is a file, ``f"{failed}: <OS reason>"`` when it cannot be
+    created or written. Raises: UserInputError.
+    """
+    blocker = folder
+    while blocker and not os.path.exists(blocker):
+        blocker = os.path.dirname(blocker)
+    if blocker and not os.path.isdir(blocker):
+        raise UserInputError(f"{blocked}: {blocker} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserInputError(f"{failed}: {e.strerror or e}") from None
+
+
 def atomic_write(path, write):
     """Call ``write(fileobj)`` on a temporary file in ``path``'s folder, fsync, then rename.
 
