@@ -198,8 +198,8 @@ def figure_pr_curve(exp, finished, bits, path):
                     ax.plot([c["recall"][2]], [c["precision"][2]], marker="s", ms=7, mfc="none", color=line.get_color())
         ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02))
     n = max(c["n"] for c in curves.values() if c)
-    _figure(path, draw, f"PR curve over Hamming radius 0..{bits} (square: radius 2) — {data_label(exp)}\n"
-            f"experiment {exp.name}, {bits} bits, {_seeds_text(n)}")
+    _figure(path, draw, f"PR curve over Hamming radius 0..{bits} — {data_label(exp)}\n"
+            f"experiment {exp.name}, {bits} bits, {_seeds_text(n)}; square: radius 2")
 
 
 def figure_precision_at_n(exp, finished, bits, path):
