@@ -34,16 +34,23 @@ def _terminated(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def code_version():
-    """``git rev-parse --short HEAD`` of this checkout, ``-dirty`` with uncommitted changes,
-    or ``unknown`` outside git."""
+def code_version(ignore=None, root=ROOT):
+    """``git rev-parse --short HEAD`` of the checkout at ``root``, ``-dirty`` when a tracked file
+    differs from HEAD (as ``git describe --dirty``: untracked files do not count), or ``unknown``
+    outside git. ``ignore``, a folder (the experiment's output folder), is left out of the check:
+    the runner rewrites the tables committed there, which is not a change of code."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=30)
         if head.returncode:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=60).stdout.strip()
+        spec = ["--", "."]
+        if ignore:
+            rel = os.path.relpath(os.path.abspath(ignore), root)
+            if rel != "." and not rel.startswith(".."):
+                spec.append(f":(exclude){rel}")
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"] + spec, cwd=root,
+                               capture_output=True, text=True, timeout=60).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -166,7 +173,7 @@ class Runner:
 
     def __init__(self, exp, cells, jobs=1, say=print):
         self.exp, self.cells, self.jobs = exp, cells, jobs
-        self.version = code_version()
+        self.version = code_version(ignore=exp.out_dir)
         self._lock = threading.Lock()
         self._say, self.procs, self.stop = say, set(), False
         self.finished, self.failed, self.running, self.elsewhere, self.trained = 0, [], 0, [], 0

@@ -407,3 +407,32 @@ def test_time_left_counts_only_cells_trained_from_the_start(tmp_path):
     runner.record(cells[1], "finished", 300.0, "")
     assert runner.durations == [300.0]
     assert "about 10min 00s left" in runner.progress()   # 2 cells left x 300 s
+
+
+def test_code_version_dirty_only_for_tracked_code(tmp_path):
+    """``-dirty`` marks an edited tracked file; an untracked file or an edit inside the ignored
+    output folder (tables the runner rewrites) leaves the version clean."""
+    import shutil
+
+    from grid.runner import code_version
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("x = 1\n")
+    (tmp_path / "results" / "exp").mkdir(parents=True)
+    (tmp_path / "results" / "exp" / "table.md").write_text("| a |\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    out = tmp_path / "results" / "exp"
+    assert code_version(ignore=str(out), root=str(tmp_path)) == head
+    (tmp_path / "untracked.txt").write_text("new\n")
+    (out / "table.md").write_text("| b |\n")
+    assert code_version(ignore=str(out), root=str(tmp_path)) == head
+    assert code_version(root=str(tmp_path)) == head + "-dirty"  # the table edit counts without ignore
+    (tmp_path / "train.py").write_text("x = 2\n")
+    assert code_version(ignore=str(out), root=str(tmp_path)) == head + "-dirty"
+    assert code_version(root=str(tmp_path / "nowhere")) == "unknown"
