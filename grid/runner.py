@@ -173,7 +173,7 @@ class Runner:
 
     def __init__(self, exp, cells, jobs=1, say=print):
         self.exp, self.cells, self.jobs = exp, cells, jobs
-        self.version = code_version(ignore=exp.out_dir)
+        self.version = code_version(ignore=exp.out_dir if exp is not None else None)
         self._lock = threading.Lock()
         self._say, self.procs, self.stop = say, set(), False
         self.finished, self.failed, self.running, self.elsewhere, self.trained = 0, [], 0, [], 0
