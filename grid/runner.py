@@ -178,6 +178,9 @@ class Runner:
         self._say, self.procs, self.stop = say, set(), False
         self.finished, self.failed, self.running, self.elsewhere, self.trained = 0, [], 0, [], 0
         self.durations, self.estimates = [], {}
+        self.estimated = []  # each entry of durations: the cell's estimate beforehand (or None)
+        self.active = set()  # names of the cells running now
+        self._pending = []  # cells not finished yet (set by run)
         self.resumed = set()  # cells continued from an earlier run: their time is not a whole cell's
 
     def say(self, line):
@@ -193,14 +196,29 @@ class Runner:
     def progress(self):
         total = len(self.cells)
         left = total - self.finished - len(self.failed) - self.running - len(self.elsewhere)
-        if self.durations:
-            eta = sum(self.durations) / len(self.durations) * (left + 0.5 * self.running) / self.jobs
-        else:
-            pending = [self.estimates.get(c.name) for c in self._pending]
-            eta = sum(pending) / self.jobs if pending and None not in pending else None
+        eta = self.time_left(left)
         failed = f", {len(self.failed)} failed" if self.failed else ""
         return (f"[{self.finished}/{total} done, {self.running} running, {left} left{failed}; "
                 f"about {estimate.format_duration(eta)} left]")
+
+    def time_left(self, left):
+        """Seconds until the grid ends (None when unknown), ``left`` cells not started yet.
+
+        Each unfinished cell counts its estimate (from measured images/s; half of it while it
+        runs), scaled by how long the cells finished so far took against their own estimates, so a
+        grid mixing short and long methods is not judged by its last cell. Without an estimate
+        for every cell: the mean finished cell times the cells left."""
+        weights = [(self.estimates.get(c.name), 0.5 if c.name in self.active else 1.0)
+                   for c in self._pending]
+        if weights and all(e is not None for e, _ in weights):
+            seconds = sum(e * w for e, w in weights)
+            known = [(d, e) for d, e in zip(self.durations, self.estimated) if e]
+            if known:
+                seconds *= sum(d for d, _ in known) / sum(e for _, e in known)
+            return seconds / self.jobs
+        if self.durations:
+            return sum(self.durations) / len(self.durations) * (left + 0.5 * self.running) / self.jobs
+        return None
 
     def run_cell(self, cell):
         """Run one cell in its own process; returns (cell, outcome, seconds, message)."""
@@ -226,6 +244,7 @@ class Runner:
                 return cell, "failed", 0.0, f"cannot write {cell.path('cell.json')}: {e.strerror or e}"
             with self._lock:
                 self.running += 1
+                self.active.add(cell.name)
             if state == "partial":
                 with self._lock:
                     self.resumed.add(cell.name)
@@ -244,6 +263,7 @@ class Runner:
             seconds = time.time() - start
             with self._lock:
                 self.running -= 1
+                self.active.discard(cell.name)
             if rc == 0 and os.path.isfile(cell.path("metrics.json")):
                 return cell, "finished", seconds, ""
             return cell, "failed", seconds, f"exit status {rc}: {last_line(cell.path('cell.out'))}"
@@ -294,6 +314,7 @@ class Runner:
             self.trained += 1
             if cell.name not in self.resumed:  # the time-left estimate averages whole cells only
                 self.durations.append(seconds)
+                self.estimated.append(self.estimates.get(cell.name))
             m = report.read_metrics(cell)
             figures = (f": mAP {100 * m['metrics']['map']:.2f}%, precision/recall within radius 2 "
                        f"{100 * m['metrics']['precision_radius_2']:.2f}%/{100 * m['metrics']['recall_radius_2']:.2f}%, "
