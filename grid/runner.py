@@ -178,7 +178,7 @@ class Runner:
         self._say, self.procs, self.stop = say, set(), False
         self.finished, self.failed, self.running, self.elsewhere, self.trained = 0, [], 0, [], 0
         self.durations, self.estimates = [], {}
-        self.estimated = []  # each entry of durations: the cell's estimate beforehand (or None)
+        self.estimated = []  # each entry of durations: (the cell's method, its estimate beforehand or None)
         self.active = set()  # names of the cells running now
         self._pending = []  # cells not finished yet (set by run)
         self.resumed = set()  # cells continued from an earlier run: their time is not a whole cell's
@@ -205,17 +205,23 @@ class Runner:
         """Seconds until the grid ends (None when unknown), ``left`` cells not started yet.
 
         Each unfinished cell counts its estimate (from measured images/s; half of it while it
-        runs), scaled by how long the cells finished so far took against their own estimates, so a
-        grid mixing short and long methods is not judged by its last cell. Without an estimate
-        for every cell: the mean finished cell times the cells left."""
+        runs), scaled by how long the finished cells took against their own estimates (those of the
+        same method when one has finished, else all), so a grid mixing short and long methods is not
+        judged by its last cell; spread over ``jobs`` but never below the longest unfinished cell.
+        Without an estimate for every cell: the mean finished cell times the cells left."""
         weights = [(self.estimates.get(c.name), 0.5 if c.name in self.active else 1.0)
                    for c in self._pending]
         if weights and all(e is not None for e, _ in weights):
-            seconds = sum(e * w for e, w in weights)
-            known = [(d, e) for d, e in zip(self.durations, self.estimated) if e]
-            if known:
-                seconds *= sum(d for d, _ in known) / sum(e for _, e in known)
-            return seconds / self.jobs
+            known = [(m, d, e) for d, (m, e) in zip(self.durations, self.estimated) if e]
+
+            def ratio(method=None):  # measured / estimated seconds of the finished cells
+                mine = [(d, e) for m, d, e in known if method is None or m == method]
+                return sum(d for d, _ in mine) / sum(e for _, e in mine) if mine else None
+
+            overall = ratio() or 1.0
+            remaining = [e * w * (ratio(c.method) or overall) for c, (e, w) in zip(self._pending, weights)]
+            # spread over the jobs, but never shorter than the longest cell still to end
+            return max(sum(remaining) / self.jobs, max(remaining))
         if self.durations:
             return sum(self.durations) / len(self.durations) * (left + 0.5 * self.running) / self.jobs
         return None
@@ -314,7 +320,7 @@ class Runner:
             self.trained += 1
             if cell.name not in self.resumed:  # the time-left estimate averages whole cells only
                 self.durations.append(seconds)
-                self.estimated.append(self.estimates.get(cell.name))
+                self.estimated.append((cell.method, self.estimates.get(cell.name)))
             m = report.read_metrics(cell)
             figures = (f": mAP {100 * m['metrics']['map']:.2f}%, precision/recall within radius 2 "
                        f"{100 * m['metrics']['precision_radius_2']:.2f}%/{100 * m['metrics']['recall_radius_2']:.2f}%, "

@@ -412,22 +412,29 @@ def test_time_left_counts_only_cells_trained_from_the_start(tmp_path):
 def test_time_left_scales_each_cell_estimate_by_the_measured_ratio(tmp_path):
     """A grid mixing a 1-minute method with 10-minute ones: after the short cell finishes (twice
     its estimate), the time left is the other cells' estimates times 2, not 3 x the short cell
-    (seen: 'about 4min 24s left' for nine 8-minute cells after a 53 s DDH cell)."""
+    (seen: 'about 4min 24s left' for nine 8-minute cells after a 53 s DDH cell). Once a cell of a
+    method has finished, that method's own ratio applies to its cells."""
     from grid.config import Cell
     from grid.runner import Runner
-    cells = [Cell("dcdh", 8, s, str(tmp_path / f"c{s}"), [], [], {}, epochs=2) for s in range(4)]
+    cells = [Cell("ddh", 8, 0, str(tmp_path / "c0"), [], [], {}, epochs=2)]
+    cells += [Cell("dcdh", 8, s, str(tmp_path / f"c{s}"), [], [], {}, epochs=2) for s in range(1, 4)]
     runner = Runner(None, cells, jobs=1, say=lambda line: None)
     runner.estimates = {cells[0].name: 60.0, cells[1].name: 600.0, cells[2].name: 600.0, cells[3].name: 600.0}
     runner._pending = list(cells)
     assert runner.time_left(4) == 1860.0                # nothing measured yet: the estimates as they are
     runner.record(cells[0], "finished", 120.0, "")
-    assert runner.estimated == [60.0]
-    assert runner.time_left(3) == 3 * 600.0 * 2         # 3600 s
+    assert runner.estimated == [("ddh", 60.0)]
+    assert runner.time_left(3) == 3 * 600.0 * 2         # 3600 s: ddh's ratio, no dcdh cell finished yet
     assert "about 1h 00min left" in runner.progress()
     runner.running, runner.active = 1, {cells[1].name}  # a running cell counts half its estimate
     assert runner.time_left(2) == (0.5 * 600.0 + 2 * 600.0) * 2
     runner.jobs = 2                                     # two at once: half the time
     assert runner.time_left(2) == (0.5 * 600.0 + 2 * 600.0)
+    runner.running, runner.active = 0, set()
+    runner.record(cells[1], "finished", 300.0, "")      # dcdh: half its estimate; its own ratio applies
+    assert runner.time_left(2) == 2 * 600.0 * 0.5 / 2
+    runner._pending = [cells[3]]                        # one cell left, two jobs: it alone sets the end
+    assert runner.time_left(1) == 600.0 * 0.5
 
 
 def test_code_version_dirty_only_for_tracked_code(tmp_path):
