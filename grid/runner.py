@@ -209,8 +209,8 @@ class Runner:
         same method when one has finished, else all), so a grid mixing short and long methods is not
         judged by its last cell; spread over ``jobs`` but never below the longest unfinished cell.
         Without an estimate for every cell: the mean finished cell times the cells left."""
-        weights = [(self.estimates.get(c.name), 0.5 if c.name in self.active else 1.0)
-                   for c in self._pending]
+        pending = self._pending  # read once: the main thread replaces the list when a cell ends
+        weights = [(self.estimates.get(c.name), 0.5 if c.name in self.active else 1.0) for c in pending]
         if weights and all(e is not None for e, _ in weights):
             known = [(m, d, e) for d, (m, e) in zip(self.durations, self.estimated) if e]
 
@@ -219,7 +219,7 @@ class Runner:
                 return sum(d for d, _ in mine) / sum(e for _, e in mine) if mine else None
 
             overall = ratio() or 1.0
-            remaining = [e * w * (ratio(c.method) or overall) for c, (e, w) in zip(self._pending, weights)]
+            remaining = [e * w * (ratio(c.method) or overall) for c, (e, w) in zip(pending, weights)]
             # spread over the jobs, but never shorter than the longest cell still to end
             return max(sum(remaining) / self.jobs, max(remaining))
         if self.durations:
