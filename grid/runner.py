@@ -205,21 +205,21 @@ class Runner:
         """Seconds until the grid ends (None when unknown), ``left`` cells not started yet.
 
         Each unfinished cell counts its estimate (from measured images/s; half of it while it
-        runs), scaled by how long the finished cells took against their own estimates (those of the
-        same method when one has finished, else all), so a grid mixing short and long methods is not
-        judged by its last cell; spread over ``jobs`` but never below the longest unfinished cell.
+        runs), scaled by how long the finished cells of its method took against their own
+        estimates (unscaled until one has finished: another method's network may be much faster), so
+        a grid mixing short and long methods is not judged by its last cell; spread over ``jobs`` but
+        never below the longest unfinished cell.
         Without an estimate for every cell: the mean finished cell times the cells left."""
         pending = self._pending  # read once: the main thread replaces the list when a cell ends
         weights = [(self.estimates.get(c.name), 0.5 if c.name in self.active else 1.0) for c in pending]
         if weights and all(e is not None for e, _ in weights):
             known = [(m, d, e) for d, (m, e) in zip(self.durations, self.estimated) if e]
 
-            def ratio(method=None):  # measured / estimated seconds of the finished cells
-                mine = [(d, e) for m, d, e in known if method is None or m == method]
-                return sum(d for d, _ in mine) / sum(e for _, e in mine) if mine else None
+            def ratio(method):  # measured / estimated seconds of the method's finished cells
+                mine = [(d, e) for m, d, e in known if m == method]
+                return sum(d for d, _ in mine) / sum(e for _, e in mine) if mine else 1.0
 
-            overall = ratio() or 1.0
-            remaining = [e * w * (ratio(c.method) or overall) for c, (e, w) in zip(pending, weights)]
+            remaining = [e * w * ratio(c.method) for c, (e, w) in zip(pending, weights)]
             # spread over the jobs, but never shorter than the longest cell still to end
             return max(sum(remaining) / self.jobs, max(remaining))
         if self.durations:

@@ -410,31 +410,32 @@ def test_time_left_counts_only_cells_trained_from_the_start(tmp_path):
 
 
 def test_time_left_scales_each_cell_estimate_by_the_measured_ratio(tmp_path):
-    """A grid mixing a 1-minute method with 10-minute ones: after the short cell finishes (twice
-    its estimate), the time left is the other cells' estimates times 2, not 3 x the short cell
-    (seen: 'about 4min 24s left' for nine 8-minute cells after a 53 s DDH cell). Once a cell of a
-    method has finished, that method's own ratio applies to its cells."""
+    """A grid mixing a 1-minute method with 10-minute ones: a quick DDH cell must not make the
+    others look short (seen: 'about 4min 24s left' for nine 8-minute cells after a 53 s DDH cell).
+    Each cell's estimate is scaled by its own method's measured/estimated ratio, once one of the
+    method's cells has finished."""
     from grid.config import Cell
     from grid.runner import Runner
     cells = [Cell("ddh", 8, 0, str(tmp_path / "c0"), [], [], {}, epochs=2)]
     cells += [Cell("dcdh", 8, s, str(tmp_path / f"c{s}"), [], [], {}, epochs=2) for s in range(1, 4)]
+    cells += [Cell("ddh", 8, 1, str(tmp_path / "c4"), [], [], {}, epochs=2)]
     runner = Runner(None, cells, jobs=1, say=lambda line: None)
-    runner.estimates = {cells[0].name: 60.0, cells[1].name: 600.0, cells[2].name: 600.0, cells[3].name: 600.0}
+    runner.estimates = {c.name: (60.0 if c.method == "ddh" else 600.0) for c in cells}
     runner._pending = list(cells)
-    assert runner.time_left(4) == 1860.0                # nothing measured yet: the estimates as they are
-    runner.record(cells[0], "finished", 120.0, "")
+    assert runner.time_left(5) == 1920.0                # nothing measured yet: the estimates as they are
+    runner.record(cells[0], "finished", 30.0, "")       # ddh: half its estimate
     assert runner.estimated == [("ddh", 60.0)]
-    assert runner.time_left(3) == 3 * 600.0 * 2         # 3600 s: ddh's ratio, no dcdh cell finished yet
-    assert "about 1h 00min left" in runner.progress()
+    assert runner.time_left(4) == 3 * 600.0 + 60.0 * 0.5
+    assert "about 30min 30s left" in runner.progress()
     runner.running, runner.active = 1, {cells[1].name}  # a running cell counts half its estimate
-    assert runner.time_left(2) == (0.5 * 600.0 + 2 * 600.0) * 2
+    assert runner.time_left(3) == 0.5 * 600.0 + 2 * 600.0 + 30.0
     runner.jobs = 2                                     # two at once: half the time
-    assert runner.time_left(2) == (0.5 * 600.0 + 2 * 600.0)
+    assert runner.time_left(3) == (0.5 * 600.0 + 2 * 600.0 + 30.0) / 2
     runner.running, runner.active = 0, set()
-    runner.record(cells[1], "finished", 300.0, "")      # dcdh: half its estimate; its own ratio applies
-    assert runner.time_left(2) == 2 * 600.0 * 0.5 / 2
+    runner.record(cells[1], "finished", 1200.0, "")     # dcdh: twice its estimate
+    assert runner.time_left(3) == (2 * 600.0 * 2 + 30.0) / 2
     runner._pending = [cells[3]]                        # one cell left, two jobs: it alone sets the end
-    assert runner.time_left(1) == 600.0 * 0.5
+    assert runner.time_left(1) == 600.0 * 2
 
 
 def test_code_version_dirty_only_for_tracked_code(tmp_path):
