@@ -176,10 +176,10 @@ class Runner:
         self.version = code_version(ignore=exp.out_dir if exp is not None else None)
         self._lock = threading.Lock()
         self._say, self.procs, self.stop = say, set(), False
-        self.finished, self.failed, self.running, self.elsewhere, self.trained = 0, [], 0, [], 0
+        self.finished, self.failed, self.elsewhere, self.trained = 0, [], [], 0
         self.durations, self.estimates = [], {}
         self.estimated = []  # each entry of durations: (the cell's method, its estimate beforehand or None)
-        self.active = set()  # names of the cells running now
+        self.active = set()  # names of the cells running now (their count is the progress line's)
         self._pending = []  # cells not finished yet (set by run)
         self.resumed = set()  # cells continued from an earlier run: their time is not a whole cell's
 
@@ -195,10 +195,11 @@ class Runner:
 
     def progress(self):
         total = len(self.cells)
-        left = total - self.finished - len(self.failed) - self.running - len(self.elsewhere)
+        running = len(self.active)
+        left = total - self.finished - len(self.failed) - running - len(self.elsewhere)
         eta = self.time_left(left)
         failed = f", {len(self.failed)} failed" if self.failed else ""
-        return (f"[{self.finished}/{total} done, {self.running} running, {left} left{failed}; "
+        return (f"[{self.finished}/{total} done, {running} running, {left} left{failed}; "
                 f"about {estimate.format_duration(eta)} left]")
 
     def time_left(self, left):
@@ -213,17 +214,18 @@ class Runner:
         pending = self._pending  # read once: the main thread replaces the list when a cell ends
         weights = [(self.estimates.get(c.name), 0.5 if c.name in self.active else 1.0) for c in pending]
         if weights and all(e is not None for e, _ in weights):
-            known = [(m, d, e) for d, (m, e) in zip(self.durations, self.estimated) if e]
-
-            def ratio(method):  # measured / estimated seconds of the method's finished cells
-                mine = [(d, e) for m, d, e in known if m == method]
-                return sum(d for d, _ in mine) / sum(e for _, e in mine) if mine else 1.0
-
-            remaining = [e * w * ratio(c.method) for c, (e, w) in zip(pending, weights)]
+            sums = {}  # method -> [measured, estimated] seconds of its finished cells
+            for d, (m, e) in zip(self.durations, self.estimated):
+                if e:
+                    sums.setdefault(m, [0.0, 0.0])
+                    sums[m][0] += d
+                    sums[m][1] += e
+            ratio = {m: d / e for m, (d, e) in sums.items()}
+            remaining = [e * w * ratio.get(c.method, 1.0) for c, (e, w) in zip(pending, weights)]
             # spread over the jobs, but never shorter than the longest cell still to end
             return max(sum(remaining) / self.jobs, max(remaining))
         if self.durations:
-            return sum(self.durations) / len(self.durations) * (left + 0.5 * self.running) / self.jobs
+            return sum(self.durations) / len(self.durations) * (left + 0.5 * len(self.active)) / self.jobs
         return None
 
     def run_cell(self, cell):
@@ -249,7 +251,6 @@ class Runner:
             except OSError as e:
                 return cell, "failed", 0.0, f"cannot write {cell.path('cell.json')}: {e.strerror or e}"
             with self._lock:
-                self.running += 1
                 self.active.add(cell.name)
             if state == "partial":
                 with self._lock:
@@ -268,7 +269,6 @@ class Runner:
                     self.procs.discard(proc)
             seconds = time.time() - start
             with self._lock:
-                self.running -= 1
                 self.active.discard(cell.name)
             if rc == 0 and os.path.isfile(cell.path("metrics.json")):
                 return cell, "finished", seconds, ""

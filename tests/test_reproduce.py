@@ -427,11 +427,11 @@ def test_time_left_scales_each_cell_estimate_by_the_measured_ratio(tmp_path):
     assert runner.estimated == [("ddh", 60.0)]
     assert runner.time_left(4) == 3 * 600.0 + 60.0 * 0.5
     assert "about 30min 30s left" in runner.progress()
-    runner.running, runner.active = 1, {cells[1].name}  # a running cell counts half its estimate
+    runner.active = {cells[1].name}                     # a running cell counts half its estimate
     assert runner.time_left(3) == 0.5 * 600.0 + 2 * 600.0 + 30.0
     runner.jobs = 2                                     # two at once: half the time
     assert runner.time_left(3) == (0.5 * 600.0 + 2 * 600.0 + 30.0) / 2
-    runner.running, runner.active = 0, set()
+    runner.active = set()
     runner.record(cells[1], "finished", 1200.0, "")     # dcdh: twice its estimate
     assert runner.time_left(3) == (2 * 600.0 * 2 + 30.0) / 2
     runner._pending = [cells[3]]                        # one cell left, two jobs: it alone sets the end
