@@ -1,5 +1,5 @@
 # make demo  - create the virtual environment (first time), then train, evaluate and search with a small model
-#              (DEMO_ARGS=--synthetic: the drawn synthetic faces even where ../shared exists)
+#              (DEMO_ARGS=--real: the real faces of ../shared/data/celeba299-ddh32 instead of drawn ones)
 # make test  - create the virtual environment (first time), then run the test suite (-rs: skip reasons)
 PYTHON ?= python3
 VENV ?= .venv

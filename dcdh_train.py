@@ -19,15 +19,16 @@ import time
 import torch
 
 from data import DATASETS, DDHSplit, build_datasets, default_backbone, make_loader, training_view
+from data.unseen import choose_unseen, hold_out
 from engine.evaluate import evaluate
 from engine.loop import NonFiniteLoss, train_one_epoch
 from engine.preflight import check_memory, format_bytes, memory_limit
 from engine.recipes import OPTIMIZERS, build_optimizer, learning_rate, resolve_recipe
-from engine.state import epoch_state, find_resume, output_paths, restore
+from engine.state import carry_best_model, epoch_state, find_resume, output_paths, restore
 from methods import METHODS, build_method, method_class, parse_method_args
 from models import BACKBONES, DEFAULT_IMAGE_SIZE, TWO_BRANCH_BACKBONES, build_model, check_image_size, check_pretrained
 from utils.checkpoint import DEFAULT_DIR, save_checkpoint
-from utils.device import COMPILE_MODES, compile_model, resolve_device
+from utils.device import AMP_CHOICES, COMPILE_MODES, choose_precision, compile_model, cpu_capability, resolve_device
 from utils.distributed import all_reduce_sum_, barrier, cleanup, init_distributed
 from utils.errors import OneLineArgumentParser, UserInputError, check_flag, exit_on_user_error
 from utils.log import setup_logger
@@ -76,14 +77,18 @@ def get_args_parser(add_help=True):
                    "ddhnet, ddahnet), sgd (momentum 0.9, wd 5e-4, lr x0.1 every 50 epochs) otherwise, unless "
                    "the method's recipe says; another optimizer than the method's drops its whole recipe "
                    "but the epochs and patience")
-    p.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
-                   help="bfloat16 autocast for the network (auto: on with CUDA, off on CPU; "
-                   "'on' also speeds up CPUs with AMX/AVX512-BF16)")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="bfloat16 autocast for the network (auto, the default: bf16 with CUDA and on CPUs "
+                   "with native bf16 (AMX or AVX512-BF16), fp32 on other CPUs such as AVX2-only ones, where "
+                   "bf16 is emulated and several times slower; on: bf16 everywhere; off: fp32)")
     p.add_argument("--compile", default="off", choices=COMPILE_MODES,
                    help="torch.compile the network for training: a torch.compile mode "
                    "(reduce-overhead adds CUDA graphs on a GPU) or off (default); compiling takes "
                    "30-50 s at the start")
     p.add_argument("--eval-every", type=int, default=10, help="print mAP every N epochs and after the last (0: never)")
+    p.add_argument("--unseen-identities", type=int, default=0, metavar="K",
+                   help="hold K identities out of training entirely (drawn from --seed among those with test "
+                   "images; listed in the checkpoint) for evaluation.py's unseen-identities protocol (default 0)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue a run from PATH (default: <checkpoint-dir>/<save>.last.tar)")
     return p
@@ -153,6 +158,7 @@ def _check_args(args):
         raise UserInputError(f"--lr {args.lr}: must be a positive number")
     check_flag("--workers", args.workers, 0)
     check_flag("--eval-every", args.eval_every, 0)
+    check_flag("--unseen-identities", args.unseen_identities, 0)
     if args.dataset not in DATASETS:
         raise UserInputError(f"--dataset {args.dataset!r} is unknown; expected one of {', '.join(DATASETS)}")
     return method_hparams(args)
@@ -258,13 +264,20 @@ def check_backbone(method_cls, backbone):
 
 
 def _load_data(args, image_size):
-    """(database, queries, label_map, training view of the database); checks sizes."""
+    """(database, queries, label_map, training view of the database, held-out identities); checks
+    sizes. With ``--unseen-identities K`` the K identities drawn by ``data.unseen.choose_unseen``
+    are taken out of both splits: the returned splits and label_map hold the trained ones only."""
     database, queries, label_map = build_datasets(args.dataset, args.data_root, image_size)
+    unseen = []
+    if args.unseen_identities:
+        unseen = choose_unseen(database, queries, args.unseen_identities, args.seed)
+        split = hold_out(database, queries, unseen)
+        database, queries, label_map = split["database"], split["queries"], split["label_map"]
     train_set = training_view(database)
     if len(label_map) < 2:
         raise UserInputError(f"the training split has {len(label_map)} identity; hashing needs at least 2")
     check_train_size(args.bs, len(train_set))
-    return database, queries, label_map, train_set
+    return database, queries, label_map, train_set, unseen
 
 
 def _wrap_for_training(model, method, dist_info, compile_mode):
@@ -296,7 +309,7 @@ def _train(args, hparams, dist_info):
     best_path, last_path, log_path = output_paths(args.save or f"{args.method}_{args.dataset}{args.len}.tar",
                                                   args.checkpoint_dir)
     resume_path = find_resume(args.resume, best_path, last_path)
-    database, queries, label_map, train_set = _load_data(args, image_size)
+    database, queries, label_map, train_set, unseen = _load_data(args, image_size)
     num_classes, epochs, patience = len(label_map), recipe["epochs"], recipe["patience"]
     # before the model is built and before any file is written: will the method fit the device?
     # (CPU processes of one machine share its memory; each GPU process has its own device)
@@ -305,7 +318,7 @@ def _train(args, hparams, dist_info):
                                           args.bs // world, device, hparams, processes=sharing)
 
     torch.manual_seed(args.seed)  # the same initial weights and method state in every process
-    amp = amp_ok and (args.amp == "on" or (args.amp == "auto" and device.type == "cuda"))
+    amp, precision, precision_note = choose_precision(args.amp, device, amp_ok)
     try:
         model = build_model(backbone, args.len, pretrained=args.pretrained).to(device)
         method = build_method(args.method, num_classes, args.len, train_labels=database.labels, **hparams)
@@ -316,9 +329,12 @@ def _train(args, hparams, dist_info):
     optimizer = build_optimizer(recipe, model, method)
     config = {"method": args.method, "method_args": dict(method.hparams), "backbone": backbone,
               "bits": args.len, "image_size": image_size, "dataset": args.dataset, "num_classes": num_classes,
-              "label_map": label_map, "recipe": recipe, "lr": recipe["lr"], "bs": args.bs, "epochs": epochs,
-              "optimizer": recipe["optimizer"], "seed": args.seed, "amp": amp, "compile": args.compile,
-              "world_size": world}
+              "label_map": label_map, "unseen_identities": unseen,
+              "recipe": recipe, "lr": recipe["lr"], "bs": args.bs, "epochs": epochs,
+              "optimizer": recipe["optimizer"], "seed": args.seed, "amp": amp, "precision": precision,
+              "compile": args.compile, "world_size": world, "device_type": device.type,
+              "cpu_capability": cpu_capability(),
+              "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     config.update({k: v for k, v in method.hparams.items() if k in AUTHORS_METHOD_FLAGS})
 
     start_epoch, best_loss, best_epoch = 0, math.inf, -1
@@ -333,7 +349,8 @@ def _train(args, hparams, dist_info):
              f"{num_classes} identities), {backbone} at {image_size}x{image_size}, {args.len} bits, "
              f"batch {args.bs}, lr {recipe['lr']}, {recipe['optimizer']}, {epochs} epoch{'s' if epochs > 1 else ''} "
              f"(early stop after {patience} epochs without a lower loss), device {device}"
-             + (f" x {world} processes" if world > 1 else "") + (", bf16 autocast" if amp else "")
+             + (f" x {world} processes" if world > 1 else "")
+             + (", bf16 autocast" if amp else ", fp32") + f" (--amp {args.amp}" + (f"; CPU capability {cpu_capability()}" if device.type == "cpu" else "") + ")"
              + (f", torch.compile mode {args.compile}" if args.compile != "off" else ""))
     log.info(f"[config] method {args.method}: " + (", ".join(f"{k} {v}" for k, v in method.hparams.items())
                                                      or "no hyperparameters")
@@ -342,14 +359,26 @@ def _train(args, hparams, dist_info):
              f"about {format_bytes(mem_estimate)} for {num_classes:,} identities, "
              + (f"{format_bytes(mem_free)} available on {device}" if mem_free is not None
                 else f"available memory on {device} unknown"))
+    if precision_note:
+        log.info(precision_note)
     if unsupported:
         log.info(f"[note] method {args.method} does not support: " + "; ".join(unsupported))
+    if unseen:
+        log.info(f"[config] {len(unseen)} identities held out of training (--unseen-identities, seed {args.seed}; "
+                 "no image of them is trained on or evaluated here; evaluation.py reports them apart): "
+                 + ", ".join(map(str, unseen[:12])) + (" ..." if len(unseen) > 12 else ""))
     if args.compile == "reduce-overhead" and device.type != "cuda":
         log.info("[note] --compile reduce-overhead adds CUDA graphs on a GPU only; on the CPU it compiles "
                  "as --compile default")
+    best_held = True  # False: no file holds the resumed run's best model
     if resume_path:
         log.info(f"[resume] from {resume_path}: {start_epoch} epochs done, best loss {best_loss:.4f} "
                  f"at epoch {best_epoch + 1}")
+        if dist_info.is_main:  # --save under another name than the resumed run's: the model goes there too
+            holder, copied = carry_best_model(best_path, resume_path, best_loss, best_epoch)
+            best_held = holder is not None or best_epoch < 0
+            if copied:
+                log.info(f"[resume] best model so far (epoch {best_epoch + 1}) copied from {holder} to {best_path}")
     elif os.path.isfile(best_path):
         log.info(f"[note] {best_path} exists and will be replaced by this new run "
                  "(add --resume to continue that run instead)")
@@ -368,10 +397,16 @@ def _train(args, hparams, dist_info):
     if start_epoch >= epochs or start_epoch - 1 - best_epoch > patience:
         why = (f"all {epochs} epochs are done" if start_epoch >= epochs
                else f"it had stopped early (no lower training loss for more than {patience} epochs)")
+        if not best_held:
+            raise UserInputError(f"--resume {resume_path}: training had already ended ({why}), and no file holds its "
+                                 f"best model (epoch {best_epoch + 1}; not {best_path}); nothing was written")
         log.info(f"[done] nothing to train: {resume_path} has {start_epoch} epochs and {why}; "
                  f"best loss {best_loss:.4f} at epoch {best_epoch + 1}, model in {best_path} "
                  "(a larger --epochs or --patience continues it)")
         return {"best_path": best_path, "best_loss": best_loss, "best_epoch": best_epoch}
+    if not best_held:
+        log.info(f"[note] no file holds the resumed run's best model (epoch {best_epoch + 1}); {best_path} is "
+                 "written at this run's next lower training loss")
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
         lr = learning_rate(recipe, epoch)
@@ -411,7 +446,7 @@ def _train(args, hparams, dist_info):
             # the whole, unpadded query and database sets, in this process alone
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 # evaluation must not move the random state the next epochs (and a resume) use
-                metrics = evaluate(model, *eval_loaders, device)
+                metrics = evaluate(model, *eval_loaders, device, encoder=method.encode)
             log.info(f"[evaluate epoch {epoch + 1}] mAP {100 * metrics['map']:.2f}%, "
                      f"tie-aware mAP {100 * metrics['map_tie_aware']:.2f}%, "
                      f"precision@10 {100 * metrics['precision_at_10']:.2f}%"
@@ -423,7 +458,9 @@ def _train(args, hparams, dist_info):
                      f"stopped at epoch {epoch + 1}")
             break
     log.info(f"[done] {epoch + 1 - start_epoch} epoch(s) in {format_duration(time.time() - since)}; "
-             f"best loss {best_loss:.4f} at epoch {best_epoch + 1}; model saved as {best_path}")
+             f"best loss {best_loss:.4f} at epoch {best_epoch + 1}; "
+             + (f"model saved as {best_path}" if best_held or os.path.isfile(best_path)
+                else f"no file holds that model (the resumed run's best file is missing; {best_path} not written)"))
     return {"best_path": best_path, "best_loss": best_loss, "best_epoch": best_epoch}
 
 

@@ -4,8 +4,9 @@
     python search.py query --index faces.index q1.jpg q2.jpg --topk 10 --sheet sheet.png
     python search.py query --index faces.index q1.jpg --radius 2 --json hits.json
 
-``index`` encodes every gallery image with the checkpoint's network (binary code b = sign(h),
-0 -> -1, as in ``evaluation.encode``), packs the bits (bit = b > 0) with ``np.packbits`` in
+``index`` encodes every gallery image with the checkpoint's network and its method's encode step
+(``evaluation.load_encoder``: b = sign(h), 0 -> -1, or the classifier baseline's codeword of the
+predicted class; the same for the queries), packs the bits (bit = b > 0) with ``np.packbits`` in
 little bit order into bytes, and stores them in a ``faiss.IndexBinaryFlat`` of
 d = 8 * ceil(K / 8) bits. Code lengths that are not multiples of 8 (12, 36) are padded with
 zero bits in every code, so padded positions never differ and the faiss Hamming distance
@@ -15,6 +16,11 @@ The index folder holds ``index.bin`` (``faiss.write_index_binary``) and ``meta.j
 (code length, backbone, image size, checkpoint path, transform, and per gallery item its
 identity and path; DDH rows are named ``file.pkl#row``). It is written in a temporary
 folder beside it and renamed into place, so an interrupted run leaves nothing half-written.
+``meta.json`` also records ``model_sha256``, a fingerprint of the checkpoint's weights and
+method state (``checkpoint_fingerprint``): ``query`` refuses a checkpoint with another
+fingerprint (another model, or the recorded file retrained since), whose codes would not be
+comparable with the gallery's. An edited ``meta.json`` (another version or bit order, a std
+of 0, ...) is refused in one line too (``meta_value_problem``).
 
 Ranking is by ascending Hamming distance with ties in gallery order (DESIGN.md). faiss's
 binary k-NN search does not order equal distances stably, so ``rank_topk`` uses it only to
@@ -25,7 +31,9 @@ gallery size; ``rank_within`` does the same for ``--radius``.
 Nothing runs at import; ``main(args)`` is the entry point.
 """
 import glob
+import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -40,7 +48,7 @@ from data import DDH_LAYOUT, make_loader
 from data.ddh import DDHSplit
 from data.folder import FaceFolder, face_transforms, open_image
 from data.gallery_images import GalleryImages
-from evaluation import encode, load_hashing_model
+from evaluation import encode, load_encoder, load_hashing_model
 from models import DEFAULT_IMAGE_SIZE, check_image_size
 from utils.binary_index import BIT_ORDER, build_index, pack_codes, rank_topk, rank_within
 from utils.checkpoint import atomic_write, resolve_checkpoint
@@ -166,12 +174,13 @@ def load_gallery(gallery, layout, split, image_size):
     return ds, identities, paths, info
 
 
-def encode_packed(model, loader, device):
-    """Packed binary codes (uint8 (N, ceil(K/8)), see ``pack_codes``) of every image of ``loader``.
+def encode_packed(model, loader, device, encoder=None):
+    """Packed binary codes (uint8 (N, ceil(K/8)), see ``pack_codes``) of every image of ``loader``;
+    ``encoder``: the method's encode step (None: sign).
 
     Raises: UserInputError naming a file that cannot be decoded (``data.folder.load_rgb``).
     """
-    codes, _ = encode(model, loader, device)
+    codes, _ = encode(model, loader, device, encoder)
     return pack_codes(codes)
 
 
@@ -249,15 +258,11 @@ def read_index_dir(path):
     if missing:
         raise UserInputError(f"{meta_path}: incomplete metadata (no {', '.join(missing)})")
     try:
-        int(meta["bits"]), int(meta["image_size"])
-        kind = meta["transform"]["kind"]
-        if kind == "ddh":
-            float(meta["transform"]["mean"]), float(meta["transform"]["std"])
-        else:
-            int(meta["transform"]["image_size"])
+        problem = meta_value_problem(meta)
     except (KeyError, TypeError, ValueError) as e:
-        raise UserInputError(f"{meta_path}: malformed metadata ({type(e).__name__}: {e}); "
-                             "rebuild the index with 'search.py index'") from None
+        problem = f"malformed metadata ({type(e).__name__}: {e})"
+    if problem:
+        raise UserInputError(f"{meta_path}: {problem}; rebuild the index with 'search.py index'")
     try:
         index = faiss.read_index_binary(index_path)
     except RuntimeError as e:
@@ -267,6 +272,61 @@ def read_index_dir(path):
         raise UserInputError(f"--index {path}: {INDEX_FILE} ({index.ntotal} codes of {index.d} bits) does not "
                              f"match {META_FILE} ({n} items, {bits} bits)")
     return index, meta
+
+
+def meta_value_problem(meta):
+    """What is wrong with the values of index metadata (a str), or None when they are what
+    ``search.py index`` writes: this ``FORMAT_VERSION`` and ``BIT_ORDER`` (the queries are
+    packed in it), positive integer ``bits`` and ``image_size``, a ``face_test`` transform of that
+    size or a ``ddh`` one at 32 with a finite mean and a positive finite std (a std of 0 would
+    scale the queries by 1e4). Raises KeyError/TypeError/ValueError on a missing or untyped entry.
+    """
+    if meta.get("version") != FORMAT_VERSION:
+        return f"format version {meta.get('version')!r}, this search.py reads version {FORMAT_VERSION}"
+    if meta.get("bit_order") != BIT_ORDER:
+        return f"bit_order {meta.get('bit_order')!r}, expected {BIT_ORDER!r} (the order queries are packed in)"
+    for key in ("bits", "image_size"):
+        if type(meta[key]) is not int or meta[key] < 1:
+            return f"{key} {meta[key]!r}: expected a positive integer"
+    t, size = meta["transform"], meta["image_size"]
+    if t["kind"] == "face_test":
+        if t["image_size"] != size:
+            return f"transform image_size {t['image_size']!r} differs from image_size {size}"
+    elif t["kind"] == "ddh":
+        mean, std = float(t["mean"]), float(t["std"])
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            return f"transform mean {t['mean']!r}, std {t['std']!r}: expected finite numbers, std > 0"
+        if size != 32:
+            return f"image_size {size}: DDH-layout galleries are 32x32"
+    else:
+        return f"transform kind {t['kind']!r}: expected 'face_test' or 'ddh'"
+    return None
+
+
+def checkpoint_fingerprint(ckpt):
+    """SHA-256 (hex) of what encodes a checkpoint's codes: the network weights (``backbone``), the
+    method's state (``centers``) and the method's name, entry by entry in name order (name, dtype,
+    shape, bytes). Files with the same weights and state (the best and last files of one epoch)
+    share it; a retrained or another model does not."""
+    digest = hashlib.sha256()
+
+    def feed(name, value):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                feed(f"{name}.{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                feed(f"{name}.{i}", v)
+        else:
+            digest.update(f"{name}={value!r}|".encode())
+    feed("backbone", ckpt["backbone"])
+    feed("centers", ckpt.get("centers"))
+    feed("method", (ckpt.get("config") or {}).get("method") or "dcdh")
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,6 +366,7 @@ def _batches(tensors, bs):
 def load_query_model(meta, load, device, index_path):
     """The hashing network for querying an index: ``load`` or the checkpoint in ``meta``.
 
+    Returns: (model, checkpoint path, the method's encode step).
     Raises: UserInputError when the checkpoint is missing or its code length differs from the index's.
     """
     if load is not None:
@@ -315,7 +376,7 @@ def load_query_model(meta, load, device, index_path):
         if not path or not os.path.isfile(path):
             raise UserInputError(f"--index {index_path}: the checkpoint it was built with ({path}) is missing; "
                                  "pass --load CHECKPOINT")
-    model, _, config = load_hashing_model(path, device)
+    model, ckpt, config = load_hashing_model(path, device)
     if config["bits"] != meta["bits"]:
         raise UserInputError(f"{path} holds a {config['bits']}-bit model but --index {index_path} was built "
                              f"with {meta['bits']}-bit codes")
@@ -324,10 +385,35 @@ def load_query_model(meta, load, device, index_path):
     except ValueError as e:
         raise UserInputError(f"{path} cannot encode the {meta['image_size']}x{meta['image_size']} inputs of "
                              f"--index {index_path} ({e})") from None
+    check_same_model(meta, ckpt, path, load is not None, index_path)
     if config["backbone"] != meta["backbone"]:
         print(f"search.py: warning: {path} is a {config['backbone']} network, the index was built with "
               f"{meta.get('backbone')}", file=sys.stderr)
-    return model, path
+    return model, path, load_encoder(ckpt, config, path, device)
+
+
+def check_same_model(meta, ckpt, path, loaded, index_path):
+    """Refuse a checkpoint whose codes are not comparable with the index's: its
+    ``checkpoint_fingerprint`` differs from the ``model_sha256`` the index recorded (another model,
+    even of the same network and code length, or the recorded file retrained since). An index
+    without the entry (built before it existed) gets a one-line warning that this is unchecked.
+
+    Args: loaded (bool): ``path`` came from ``--load`` (else from the index's metadata).
+    Raises: UserInputError naming the checkpoint and the index.
+    """
+    expected = meta.get("model_sha256")
+    if expected is None:
+        print(f"search.py: warning: --index {index_path} records no model fingerprint (built by an older "
+              f"search.py): cannot check that {path} is the model it was built with", file=sys.stderr)
+        return
+    if checkpoint_fingerprint(ckpt) == expected:
+        return
+    if loaded:
+        raise UserInputError(f"--load {path}: not the model --index {index_path} was built with (its weights "
+                             f"differ from those of {meta.get('checkpoint')}); its codes would not be comparable "
+                             "with the gallery's: query with that model or rebuild the index with this one")
+    raise UserInputError(f"--index {index_path}: its checkpoint {path} has changed since the index was built "
+                         "(other weights); rebuild the index with 'search.py index'")
 
 
 def search(meta, index, packed_queries, topk=None, radius=None):
@@ -397,7 +483,8 @@ def cmd_index(args):
     check_out_dir(args.out)
     device = resolve_device(args.device)
     path = resolve_checkpoint(args.load)
-    model, _, config = load_hashing_model(path, device)
+    model, ckpt, config = load_hashing_model(path, device)
+    encoder = load_encoder(ckpt, config, path, device)
     backbone = config["backbone"]
     image_size = args.image_size or config.get("image_size") or DEFAULT_IMAGE_SIZE[backbone]
     try:
@@ -408,13 +495,13 @@ def cmd_index(args):
     workers = args.workers if args.workers is not None else (0 if layout == "ddh" else 2)
     print(f"indexing {len(ds)} gallery items of {args.gallery} ({info['layout']}) with {path}: "
           f"{backbone}, {config['bits']} bits, {image_size}x{image_size}, on {device}")
-    packed = encode_packed(model, make_loader(ds, args.bs, workers=workers, device=device), device)
+    packed = encode_packed(model, make_loader(ds, args.bs, workers=workers, device=device), device, encoder)
     index = build_index(packed)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "bits": int(config["bits"]), "index_bits": int(index.d),
             "bit_order": BIT_ORDER, "backbone": backbone, "image_size": int(image_size),
-            "checkpoint": os.path.abspath(path), "gallery": os.path.abspath(args.gallery),
-            "layout": info["layout"], "split": info["split"], "transform": info["transform"],
-            "num_items": len(identities), "identities": identities, "paths": paths}
+            "checkpoint": os.path.abspath(path), "model_sha256": checkpoint_fingerprint(ckpt),
+            "gallery": os.path.abspath(args.gallery), "layout": info["layout"], "split": info["split"],
+            "transform": info["transform"], "num_items": len(identities), "identities": identities, "paths": paths}
     write_index_dir(args.out, index, meta)
     print(f"index written to {args.out} ({len(identities)} items, {len(set(identities))} identities, "
           f"{packed.shape[1]} bytes per code)")
@@ -431,9 +518,9 @@ def cmd_query(args):
     index, meta = read_index_dir(args.index)
     images = [open_image(p) for p in args.images]  # every query checked before any work
     device = resolve_device(args.device)
-    model, ckpt_path = load_query_model(meta, args.load, device, args.index)
+    model, ckpt_path, encoder = load_query_model(meta, args.load, device, args.index)
     transform = query_transform(meta)
-    packed = encode_packed(model, _batches([transform(im) for im in images], args.bs), device)
+    packed = encode_packed(model, _batches([transform(im) for im in images], args.bs), device, encoder)
     known = set(meta["identities"])
     results = search(meta, index, packed, topk=args.topk, radius=args.radius)
     queries = [{"image": os.path.abspath(p), "identity": query_identity(p, known), "results": r}

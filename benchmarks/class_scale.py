@@ -217,4 +217,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from utils.errors import quiet_broken_pipe
+    quiet_broken_pipe(main)()  # '... | head' ends quietly

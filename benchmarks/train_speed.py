@@ -112,7 +112,7 @@ def main():
     from engine.recipes import build_optimizer
     from methods.dcdh import DCDH
     from models import build_model
-    from utils.device import compile_model, resolve_device
+    from utils.device import choose_precision, compile_model, cpu_capability, cpu_model, resolve_device
     from utils.errors import UserInputError
 
     try:
@@ -124,6 +124,11 @@ def main():
         torch.set_num_threads(args.threads)
 
     amp = (device.type == "cuda" and not args.no_amp) or args.amp
+    if amp:  # bf16 asked on a CPU without native bf16: say that it is emulated (and slow) there
+        note = choose_precision("on", device)[2]
+        if note:
+            print(note.replace("--amp on", "--amp").replace("--amp auto picks fp32 here",
+                                                               "leave out --amp for fp32"), flush=True)
     if args.method:
         from methods import METHODS
         if args.images < args.bs:
@@ -135,6 +140,8 @@ def main():
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, (args.images, 3072), dtype=np.uint8)
     labels = rng.integers(0, args.classes, args.images)
+    print(f"CPU {cpu_model()}, capability {cpu_capability()}" if device.type == "cpu"
+          else f"GPU {torch.cuda.get_device_name(device)}")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"{args.images} images, {args.classes} classes, {args.bits} bits, batch {args.bs}, amp {amp}, "
           f"compile {args.compile}, load average {os.getloadavg()[0]:.2f}")
@@ -240,6 +247,7 @@ def compare_methods(args, device, amp):
     from engine.recipes import build_optimizer, resolve_recipe
     from methods import METHODS, HashingMethod, build_method
     from models import build_model
+    from utils.device import cpu_capability, cpu_model
 
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, (args.images, 3072), dtype=np.uint8)
@@ -248,6 +256,8 @@ def compare_methods(args, device, amp):
     loader = DeviceBatches(split, args.bs, device, shuffle=True, drop_last=True, with_index=True)
     steps_per_epoch = args.images // args.bs
     names = ["dcdh"] + [m for m in args.method if m != "dcdh"]
+    print(f"CPU {cpu_model()}, capability {cpu_capability()}" if device.type == "cpu"
+          else f"GPU {torch.cuda.get_device_name(device)}")
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"{args.images} images, {args.classes} classes, {args.bits} bits, batch {args.bs}, amp {amp}, "
           f"load average {os.getloadavg()[0]:.2f}")
@@ -331,4 +341,6 @@ def compare_methods(args, device, amp):
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from utils.errors import quiet_broken_pipe
+    quiet_broken_pipe(main)()  # '... | head' ends quietly

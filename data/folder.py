@@ -29,14 +29,23 @@ def face_transforms(image_size, train):
     return T.Compose(steps)
 
 
+def _too_large(path, error):
+    """The UserInputError for an image PIL refuses to decode (``Image.DecompressionBombError``:
+    more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, a possible decompression bomb)."""
+    return UserInputError(f"{path}: image too large to decode safely ({error})")
+
+
 def load_rgb(path):
     """Open an image file as RGB (greyscale, palette and RGBA are converted).
 
-    Raises: UserInputError naming the file when it cannot be decoded.
+    Raises: UserInputError naming the file when it cannot be decoded or has more pixels than
+    PIL decodes (``Image.DecompressionBombError``, e.g. a 20000x20000 PNG).
     """
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, e) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise UserInputError(f"{path}: unreadable image ({e})") from None
 
@@ -54,10 +63,14 @@ def open_image(path, flag="image"):
 
 
 def _readable(path):
+    """Whether PIL decodes ``path`` fully. Raises: UserInputError for an image PIL refuses as
+    too large (a decompression bomb is an error, not a file to skip quietly)."""
     try:
         with Image.open(path) as img:
             img.load()  # a full decode: verify() misses truncated JPEG data
         return True
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, e) from None
     except Exception:  # PIL raises many types for broken files
         return False
 
@@ -81,7 +94,8 @@ class FaceFolder(tvd.ImageFolder):
     Unreadable or corrupt image files (PIL cannot open or verify them) are skipped with a
     warning that lists them; identity folders without images are ignored with a warning.
 
-    Raises: UserInputError naming the folder when it is missing or holds no readable images.
+    Raises: UserInputError naming the folder when it is missing or holds no readable images,
+    or naming the file for an image too large for PIL to decode (a decompression bomb).
     """
 
     def __init__(self, root, split, image_size, train_transform=False):

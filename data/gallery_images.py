@@ -13,7 +13,7 @@ class GalleryImages:
     """Callable ``path -> (H, W, 3) uint8 array``; each DDH file is read once and kept.
 
     Raises: UserInputError (from ``data.folder.open_image``) for an image file that is missing
-    or unreadable; the errors of ``data.safe_pickle.load_arrays`` for a DDH file.
+    or unreadable or too large for PIL to decode (a decompression bomb); the errors of ``data.safe_pickle.load_arrays`` for a DDH file.
     """
 
     def __init__(self):

@@ -6,7 +6,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils.distributed import all_reduce_sum_, average_gradients_
+from utils.distributed import all_reduce_sum_, average_gradients_, gather_rows
 
 
 class NonFiniteLoss(RuntimeError):
@@ -42,12 +42,15 @@ def train_one_epoch(model, method, optimizer, loader, device, epoch, amp=False, 
 
     The loss is checked for NaN/inf after every batch on the CPU and every 25 batches on a GPU
     (one device sync per check); nothing is saved from inside an epoch, so a stop leaves the
-    checkpoints of the last good epoch.
+    checkpoints of the last good epoch. Under torch.distributed each check looks at the losses
+    of all processes (``gather_rows``), so every process stops at the same batch with the same
+    message when any one of them has a non-finite loss.
 
     Returns: dict with ``loss`` (the mean of ``total``) and the sample-weighted mean of every
     other term the method returns, over all processes (floats), ``images`` (int, all processes)
     and ``seconds`` (float).
-    Raises: NonFiniteLoss naming the epoch (1-based) and batch when the loss is NaN or infinite.
+    Raises: NonFiniteLoss naming the epoch (1-based) and batch (and, with several processes,
+    the first process) when the loss is NaN or infinite.
     """
     model.train()
     method.train()
@@ -60,11 +63,17 @@ def train_one_epoch(model, method, optimizer, loader, device, epoch, amp=False, 
                file=sys.stderr, unit="batch")
 
     def check(batch):
-        values = torch.cat([torch.stack(pending).double(), sums[:1]]).tolist()  # one sync
-        for i, v in enumerate(values[:-1]):
-            if not math.isfinite(v):
-                raise NonFiniteLoss(f"the loss became {v} at epoch {epoch + 1}, "
-                                    f"batch {batch - len(pending) + i + 2}")
+        # every process decides on every process's losses (one all-reduce): all of them stop at the
+        # same batch with the same message, none is left waiting in a collective for the others
+        table = gather_rows(torch.stack(pending).double())  # (processes, len(pending))
+        values = torch.cat([table.reshape(-1), sums[:1]]).tolist()  # one sync
+        rows = [values[r * len(pending):(r + 1) * len(pending)] for r in range(table.shape[0])]
+        for i in range(len(pending)):
+            bad = [(r, row[i]) for r, row in enumerate(rows) if not math.isfinite(row[i])]
+            if bad:
+                where = f" in process {bad[0][0]} of {len(rows)}" if len(rows) > 1 else ""
+                raise NonFiniteLoss(f"the loss became {bad[0][1]} at epoch {epoch + 1}, "
+                                    f"batch {batch - len(pending) + i + 2}{where}")
         pending.clear()
         bar.set_postfix(loss=f"{values[-1] / max(local_images, 1):.4f}")
 

@@ -9,14 +9,17 @@ memory banks), the optimizer, the epoch counters, the CPU and CUDA random states
 import glob
 import math
 import os
+import shutil
 
 import torch
 
-from utils.checkpoint import load_checkpoint, make_writable_folder
+from utils.checkpoint import atomic_write, load_checkpoint, make_writable_folder
 from utils.errors import UserInputError
 
-MUST_MATCH = ("method", "method_args", "backbone", "bits", "num_classes", "image_size", "optimizer")
-"""Config entries a resumed run must share with the checkpoint it continues."""
+MUST_MATCH = ("method", "method_args", "backbone", "bits", "unseen_identities", "num_classes", "image_size",
+              "optimizer")
+"""Config entries a resumed run must share with the checkpoint it continues (held-out identities
+before the class count, which follows from them, so that the message names the cause)."""
 
 
 def output_paths(save, checkpoint_dir):
@@ -56,6 +59,44 @@ def find_resume(resume, best_path, last_path):
     return path
 
 
+def best_model_file(best_path, resume_path, best_loss, best_epoch):
+    """The file that holds a resumed run's best model: the state saved after its best epoch
+    (``epoch == best_epoch + 1`` with the same ``best_epoch`` and ``best_loss``), looked for in
+    ``best_path`` (this run's --save), ``resume_path`` and, for a ``<name>.last.tar``, its
+    ``<name>.tar``. Returns the first such path, or None (none found, or no epoch done yet).
+    Unreadable candidates are passed over."""
+    if best_epoch < 0:
+        return None
+    stem, ext = os.path.splitext(resume_path)
+    sibling = stem[:-len(".last")] + ext if stem.endswith(".last") else None
+    for path in (best_path, resume_path, sibling):
+        if not path or not os.path.isfile(path):
+            continue
+        try:
+            state = load_checkpoint(path)
+        except UserInputError:
+            continue
+        if (state.get("epoch") == best_epoch + 1 and state.get("best_epoch") == best_epoch
+                and state.get("best_loss") == best_loss):
+            return path
+    return None
+
+
+def carry_best_model(best_path, resume_path, best_loss, best_epoch):
+    """Make ``best_path`` hold the resumed run's best model when it does not already: a resume
+    under another name (``--save new.tar --resume other.last.tar``) copies it there (atomically),
+    so that ``best_path`` is the model whether or not a later epoch improves on it.
+
+    Returns: (path that held the best model or None when no file holds it, whether it was copied).
+    """
+    holder = best_model_file(best_path, resume_path, best_loss, best_epoch)
+    if holder is None or os.path.abspath(holder) == os.path.abspath(best_path):
+        return holder, False
+    with open(holder, "rb") as src:
+        atomic_write(best_path, lambda f: shutil.copyfileobj(src, f))
+    return holder, True
+
+
 def epoch_state(model, method, optimizer, epoch, best_loss, best_epoch, config):
     """The dict saved after ``epoch`` (1-based count of epochs done); ``rng`` is the CPU random
     state, ``cuda_rng`` the CUDA one (one per device; empty without CUDA)."""
@@ -63,6 +104,26 @@ def epoch_state(model, method, optimizer, epoch, best_loss, best_epoch, config):
     return {"backbone": model.state_dict(), "centers": method.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "best_loss": best_loss,
             "best_epoch": best_epoch, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "config": config}
+
+
+def data_mismatch(old, new):
+    """Why a checkpoint's training data (its ``config`` ``old``) are not this run's (``new``), as
+    a str, or None: another layout (DDH pickles for ``--dataset`` ddh/facescrub/youtube, an image
+    folder for folder/vggface2) or other identities (``label_map``, class index -> identity: the
+    class centers and codebooks belong to those identities). Entries a file lacks are not compared."""
+    from data import DDH_LAYOUT
+
+    def layout(name):
+        return "DDH-layout pickles" if name in DDH_LAYOUT else "an image folder"
+    if old.get("dataset") is not None and layout(old["dataset"]) != layout(new["dataset"]):
+        return (f"it was trained on {layout(old['dataset'])} (--dataset {old['dataset']}), this run reads "
+                f"{layout(new['dataset'])} (--dataset {new['dataset']})")
+    if old.get("label_map") is not None and list(old["label_map"]) != list(new["label_map"]):
+        others = len(set(map(repr, old["label_map"])) - set(map(repr, new["label_map"])))
+        return (f"it was trained on other identities ({others} of its {len(old['label_map'])} are not among "
+                "this run's)" if others else
+                "its identities are this run's in another order (class indices would change meaning)")
+    return None
 
 
 def restore(path, model, method, optimizer, config, best_path):
@@ -75,7 +136,8 @@ def restore(path, model, method, optimizer, config, best_path):
 
     Returns: (epochs done, best loss, best epoch (0-based, -1 if none)).
     Raises: UserInputError when the file holds no training state or another run's setup
-    (method, its hyperparameters, network, code length, identities, input size, optimizer).
+    (method, its hyperparameters, network, code length, identities, input size, optimizer), or
+    was trained on other data (``data_mismatch``: another layout or other identities).
     """
     state = load_checkpoint(path)
     old = dict(state.get("config") or {})
@@ -92,6 +154,7 @@ def restore(path, model, method, optimizer, config, best_path):
         old["method_args"] = {**{k: h.default for k, h in type(method).hyperparameters.items()
                                  if k not in old["method_args"]}, **old["method_args"]}
     old.setdefault("optimizer", config["optimizer"])
+    old.setdefault("unseen_identities", [])  # files from before --unseen-identities held none out
     for key in MUST_MATCH:
         if old.get(key) != config[key]:
             if key == "method_args":
@@ -99,7 +162,21 @@ def restore(path, model, method, optimizer, config, best_path):
                 raise UserInputError(f"--resume {path}: its method hyperparameters differ from this run's ("
                                      + ", ".join(f"{k} {old[key].get(k)!r} vs {config[key].get(k)!r}" for k in changed)
                                      + "); resume with the same --method-args or start a new run")
+            if key == "unseen_identities":
+                raise UserInputError(f"--resume {path}: it holds out other identities ({len(old[key])}) than this "
+                                     f"run ({len(config[key])}; --unseen-identities and --seed choose them); "
+                                     "resume with the same flags or start a new run")
             raise UserInputError(f"--resume {path}: its {key} is {old.get(key)!r}, this run's is {config[key]!r}")
+    other_data = data_mismatch(old, config)
+    if other_data:
+        raise UserInputError(f"--resume {path}: {other_data}; resume on the data it was trained on or start a new run")
+    # the precision may change on resume (another machine: --amp auto is bf16 on one CPU, fp32 on
+    # another); the record keeps every precision the run used, in order: "bf16+fp32"
+    was = old.get("precision") or ("bf16" if old.get("amp") else "fp32")
+    if was.split("+")[-1] != config["precision"]:
+        config["precision"] = f"{was}+{config['precision']}"
+    else:
+        config["precision"] = was
     model.load_state_dict(state["backbone"])
     try:
         method.load_state_dict(state["centers"])

@@ -12,10 +12,13 @@ File format (docs/reproduce.md)::
     device = "cpu"                  # optional (default: cuda if available)
     out = "runs"                    # optional: cells go to <out>/<name>/
     figure_bits = 48                # optional: code length of the PR and precision@N figures
+    unseen_identities = 60          # optional: hold 60 identities out of training (dcdh_train.py
+                                    # --unseen-identities); every cell also reports the unseen protocol
 
     [train]                         # settings of every cell (default: each method's recipe)
-    epochs = 28
-    amp = "on"
+    epochs = 28                     # at most 100000 (MAXIMUM); lr in (0, 10]
+    amp = "auto"
+    threads = 1                     # torch threads per cell (the default), whatever --jobs is
 
     [overrides.ddh]                 # one method's settings; they replace [train]'s
     backbone = "ddhnet"
@@ -35,14 +38,15 @@ from dataclasses import dataclass, field
 from utils.errors import UserInputError
 
 TOP_KEYS = ("name", "description", "dataset", "data_root", "methods", "bits", "seeds", "device", "out",
-            "figure_bits", "train", "overrides")
+            "figure_bits", "unseen_identities", "train", "overrides")
 
 TRAIN_KEYS = {
-    # key: (dcdh_train.py flag, kind, minimum or choices)
+    # key: (dcdh_train.py flag (None: a setting of the cell process), kind, minimum or choices)
     "epochs": ("--epochs", "int", 1),
     "patience": ("--patience", "int", 0),
     "bs": ("--bs", "int", 1),
     "lr": ("--lr", "float", None),
+    "threads": (None, "int", 1),
     "optimizer": ("--optimizer", "choice", "OPTIMIZERS"),
     "backbone": ("--backbone", "choice", "BACKBONES"),
     "image_size": ("--image-size", "int", 1),
@@ -52,6 +56,16 @@ TRAIN_KEYS = {
     "workers": ("--workers", "int", 0),
 }
 """Keys of ``[train]`` and ``[overrides.<method>]`` (``method_args`` is overrides-only)."""
+
+MAXIMUM = {"epochs": 100_000, "patience": 100_000, "threads": 1024, "lr": 10.0}
+"""Upper bounds of numeric settings: far above any published recipe (the papers train 150-1000
+epochs with learning rates up to 0.1), so a larger value is a typo (``epochs = 10**15``)."""
+
+DEFAULT_THREADS = 1
+"""Torch threads of each cell (``threads``): fixed, whatever ``--jobs`` and the machine's core
+count, because the thread count changes the floating-point reductions and so the trained network
+(issue 19: DDH mAP 0.9702 with one thread against 0.9624 with two). ``--jobs`` by default runs as
+many cells at once as the cores hold (``default_jobs``)."""
 
 DEFAULT_BS = 256
 """dcdh_train.py's --bs default."""
@@ -73,6 +87,9 @@ class Cell:
     backbone: str = ""
     epochs: int = 0
     amp: bool = False
+    threads: int = DEFAULT_THREADS   # torch threads of the cell's process (``threads`` setting)
+    bs: int = DEFAULT_BS
+    image_size: int = 0             # the network's input side (0: unknown)
 
     @property
     def name(self):
@@ -100,6 +117,7 @@ class Experiment:
     cells: list = field(default_factory=list)
     device_key: str = "device"   # where the device comes from: the file's key, or --device
     train_images: int = None     # images in the training split (None: not counted)
+    unseen_identities: int = 0   # identities held out of training (0: none)
 
 
 def _err(path, key, message):
@@ -133,13 +151,16 @@ def _check_train_value(path, key, value, where):
         extra = ", method_args" if where.startswith("overrides") else ""
         raise _err(path, full, f"unknown key; expected one of {', '.join(TRAIN_KEYS)}{extra}")
     flag, kind, arg = TRAIN_KEYS[key]
+    high = MAXIMUM.get(key)
     if kind == "int":
-        if not isinstance(value, int) or isinstance(value, bool) or value < arg:
-            raise _err(path, full, f"{value!r}: expected an integer >= {arg}")
-        return [flag, str(value)]
+        if not isinstance(value, int) or isinstance(value, bool) or value < arg or (high and value > high):
+            raise _err(path, full, f"{value!r}: expected an integer >= {arg}" + (f" and <= {high}" if high else ""))
+        return [flag, str(value)] if flag else []
     if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise _err(path, full, f"{value!r}: expected a positive number")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")
+                or (high and value > high)):
+            raise _err(path, full, f"{value!r}: expected a number in (0, {high:g}]" if high else
+                       f"{value!r}: expected a positive number")
         return [flag, repr(float(value))]
     if kind == "bool":
         if not isinstance(value, bool):
@@ -264,15 +285,27 @@ def load_experiment(path, data_root=None, device=None, out=None, check_data=True
     for key in ("description", "device", "out"):
         if key in raw and not isinstance(raw[key], str):
             raise _err(path, key, f"expected a string, got {raw[key]!r}")
+    for key in ("device", "out", "data_root"):  # "" would silently mean the default (out: ./<name>)
+        if isinstance(raw.get(key), str) and not raw[key].strip():
+            raise _err(path, key, f"{raw[key]!r}: empty; expected a {'device' if key == 'device' else 'folder'} "
+                       "name, or leave the key out for the default")
+    for flag, value in (("--data-root", data_root), ("--device", device), ("--out", out)):
+        if value is not None and not value.strip():
+            raise UserInputError(f"{flag} {value!r}: empty; expected a {'device' if flag == '--device' else 'folder'}")
     figure_bits = raw.get("figure_bits")
-    if figure_bits is not None and figure_bits not in bits:
-        raise _err(path, "figure_bits", f"{figure_bits!r} is not one of bits {bits}")
+    if figure_bits is not None and (not isinstance(figure_bits, int) or isinstance(figure_bits, bool)
+                                    or figure_bits not in bits):
+        raise _err(path, "figure_bits", f"{figure_bits!r}: expected an integer, one of bits {bits}")
+    unseen = raw.get("unseen_identities", 0)
+    if not isinstance(unseen, int) or isinstance(unseen, bool) or unseen < 0:
+        raise _err(path, "unseen_identities", f"{unseen!r}: expected an integer >= 0 (identities held out of "
+                   "training; 0 or absent: none)")
     train, overrides = _settings(path, raw, methods)
     exp = Experiment(path=path, name=name, dataset=dataset, methods=methods, bits=bits, seeds=seeds,
                      data_root=_data_root(path, raw, dataset, data_root, check_data),
                      out_dir=os.path.abspath(os.path.join(out or raw.get("out", "runs"), name)),
                      description=raw.get("description", ""), device=device or raw.get("device"),
-                     figure_bits=figure_bits, train=train, overrides=overrides,
+                     figure_bits=figure_bits, train=train, overrides=overrides, unseen_identities=unseen,
                      device_key="--device" if device else "device")
     if exp.device:
         from utils.device import parse_device
@@ -282,6 +315,7 @@ def load_experiment(path, data_root=None, device=None, out=None, check_data=True
     check_with_trainer(exp)
     if check_data:
         check_train_size(exp)
+        check_unseen(exp)
     if machine:
         check_machine(exp)
     return exp
@@ -309,6 +343,23 @@ def check_machine(exp):
         _device_error(exp, resolve_device)
     memory_limit()
     check_with_trainer(exp, machine=True)
+
+
+def check_unseen(exp):
+    """Refuse an ``unseen_identities`` the data cannot hold out (``data.unseen.max_count``: all
+    identities with test images but one, and 2 left in training), as dcdh_train.py would."""
+    if not exp.unseen_identities:
+        return
+    from data.unseen import max_count, split_identities
+    train, test = (split_identities(exp.dataset, exp.data_root, s) for s in ("train", "test"))
+    if not train:
+        return  # no identities to count: the trainer reports the data itself
+    top = max_count(train, test)
+    if exp.unseen_identities > top:
+        raise _err(exp.path, "unseen_identities",
+                   f"{exp.unseen_identities}: expected 1..{top} ({len(train & test)} of the {len(train)} training "
+                   f"identities in {exp.data_root} have test images; one of them and at least 2 identities in "
+                   "all must stay in training)")
 
 
 def check_train_size(exp):
@@ -341,7 +392,7 @@ def _key_of(exp, method, message):
     """The experiment-file key a dcdh_train.py message is about: the first setting whose flag it
     names and the file sets (``overrides.M.key`` or ``train.key``); else the first it names;
     else the table of the method's settings."""
-    flags = dict({key: spec[0] for key, spec in TRAIN_KEYS.items()}, method_args="--method-args")
+    flags = dict({key: spec[0] for key, spec in TRAIN_KEYS.items() if spec[0]}, method_args="--method-args")
     named = sorted((m.start(), key) for key, flag in flags.items()
                    for m in [re.search(r"(?<![\w-])" + re.escape(flag) + r"(?![\w-])", message)] if m)
     opts = cell_options(exp, method)
@@ -389,10 +440,70 @@ def make_cell(exp, method, bits, seed):
         eval_flags += ["--device", exp.device]
     if "workers" in opts:
         eval_flags += ["--workers", str(opts["workers"])]
+    eval_flags += ["--real"]  # the real-valued bound beside the binary figures (results.csv real_* columns)
     settings = {"dataset": exp.dataset, "method": method, "bits": bits, "seed": seed,
                 **{k: v for k, v in sorted(opts.items()) if k not in NOT_COMPARED}}
+    if exp.unseen_identities:
+        flags += ["--unseen-identities", str(exp.unseen_identities)]
+        settings["unseen_identities"] = exp.unseen_identities
+    from models import DEFAULT_IMAGE_SIZE
     return Cell(method=method, bits=bits, seed=seed, dir=cell_dir, train_flags=flags, eval_flags=eval_flags,
-                settings=settings, backbone=backbone, epochs=recipe["epochs"], amp=amp)
+                settings=settings, backbone=backbone, epochs=recipe["epochs"], amp=amp,
+                threads=opts.get("threads", DEFAULT_THREADS), bs=opts.get("bs", DEFAULT_BS),
+                image_size=opts.get("image_size") or DEFAULT_IMAGE_SIZE.get(backbone, 0))
+
+
+PATH_FLAGS = ("--data-root", "--save", "--checkpoint-dir", "--load")
+"""Flags of dcdh_train.py / evaluation.py whose value is a path."""
+
+
+def relative_path(path, base):
+    """``path`` relative to the folder ``base`` (both taken from the current folder when relative),
+    so that a record names no folder of the machine that wrote it; None stays None."""
+    return None if path is None else os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+
+
+def portable_flags(flags, base):
+    """``flags`` with the value of every ``PATH_FLAGS`` flag relative to ``base`` (a list of str)."""
+    out = list(flags)
+    for i, flag in enumerate(out[:-1]):
+        if flag in PATH_FLAGS:
+            out[i + 1] = relative_path(out[i + 1], base)
+    return out
+
+
+def resolve_flags(flags, base):
+    """Inverse of ``portable_flags``: relative ``PATH_FLAGS`` values joined to ``base`` (absolute
+    ones, as in cell.json files written before paths were relative, are kept)."""
+    out = list(flags)
+    for i, flag in enumerate(out[:-1]):
+        if flag in PATH_FLAGS and not os.path.isabs(out[i + 1]):
+            out[i + 1] = os.path.normpath(os.path.join(base, out[i + 1]))
+    return out
+
+
+def portable_spec(spec, out_dir, threads):
+    """A cell's ``cell.json`` record without machine paths: ``data_root`` and the path flags
+    relative to the experiment's output folder ``out_dir`` (the folder of results.csv; the cell
+    resolves them from its folder's parent), plus the cell's torch ``threads``."""
+    return dict(spec, data_root=relative_path(spec.get("data_root"), out_dir),
+                train_flags=portable_flags(spec["train_flags"], out_dir),
+                eval_flags=portable_flags(spec["eval_flags"], out_dir), threads=threads,
+                paths="relative to the experiment's output folder (the folder of results.csv)")
+
+
+def default_jobs(exp, cells):
+    """Cells at once when ``--jobs`` is not given: on the CPU as many as the cores this process may
+    use hold at ``threads`` each (``os.sched_getaffinity``: a Slurm allocation, not the whole
+    node), at most one per cell; on a GPU 1. Returns: int >= 1."""
+    from grid.estimate import device_type
+    if not cells or device_type(exp) != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(len(cells), cores // max(c.threads for c in cells)))
 
 
 def check_with_trainer(exp, machine=False):

@@ -1,28 +1,36 @@
-"""Time estimates: training-set size, images/s measured in the cells' logs, a default otherwise.
+"""Time estimates: training-set size and images/s of this machine, never of another one.
 
 A cell's estimate is ``training images x epochs left / images/s`` plus the mean evaluation time
-of the experiment's finished cells (``OVERHEAD_S`` before one has finished). The speed is the
-median images/s logged by the cells of the same method in this experiment, else by any of its
-cells on the same network, else a default measured on this project's development machine
-(``DEFAULT_SPEED``; DFHNet's for the other 32x32 networks), else unknown. Early stopping can end
-a cell sooner: the estimate is an upper bound on the training time.
+of the experiment's finished cells that ran here (``OVERHEAD_S`` before one has finished). The
+speed is, for the cell's precision (bf16/fp32, as ``--amp`` resolves here) and thread count: the
+median images/s logged by the finished cells of the same method that ran on this machine (the
+CPU model and capability, or the GPU name, that their metrics.json records), else by those on
+the same network, else a few training batches of the network timed here (``time_batches``, once
+per network, precision and thread count in a process), else unknown (the device is not on this
+machine). Cells recorded on another machine, or before the machine was recorded, are not used.
+Early stopping can end a cell sooner; the timed batches leave out data loading and the loss.
 """
+import functools
 import json
 import os
 import re
 import statistics
+import time
 from datetime import datetime
 
-DEFAULT_SPEED = {
-    # (network, device type, bf16 autocast): training images/s at batch 256
-    ("dfhnet", "cpu", True): 500,    # 2-core CPU with AMX, README "Speed" (502-541 measured)
-    ("dfhnet", "cpu", False): 250,   # 2-core CPU, fp32 (235-262 measured)
-}
-"""Speeds used before any cell of an experiment has logged one (benchmarks/README.md)."""
+TIMED_BATCHES = 3
+"""Training batches timed (after one warm-up batch) when no cell has run here yet."""
 
-SMALL_NETWORKS = ("ddhnet", "ddahnet")
-"""32x32 networks without a default of their own: DFHNet's is used (on the 2-core CPU, a training
-step of DDHNet took about a quarter of DFHNet's, DDAHNet's about the same; measured under load)."""
+TIMING_BUDGET_S = 2.0
+"""Timing stops after this many seconds of timed batches (at least one batch is timed)."""
+
+CPU_TIMING_BATCH = 32
+"""Largest batch timed on the CPU: a CPU's images/s hardly changes above it (DFHNet on 2 AVX2 cores:
+30-45 images/s at 16, 32 and 64 alike), and a 256-batch of DFHNet takes 10 s there."""
+
+_TIMED = {}
+"""(device, network, image size, batch, precision, threads) -> (images/s, batches, batch) or None:
+the timings of this process (a dry run times each network once)."""
 
 OVERHEAD_S = 15.0
 """Start-up and evaluation of a cell before one has been measured (2-core CPU, 32x32 sets)."""
@@ -36,27 +44,43 @@ def read_log(log_path):
 
     Training seconds: for each attempt (from its ``[config]`` line to its last line) the time
     between the first and last time stamp, summed; a killed attempt counts up to its last line.
+    What does not parse is skipped, never fatal (a log is a record, not an input): a time stamp
+    that is no date (``2026-13-45 99:99:99``), an images/s that is no positive number, a log that
+    cannot be read (what was read so far counts).
     """
     speeds, done, seconds = [], 0, 0.0
     if not os.path.isfile(log_path):
         return speeds, done, seconds
     start = last = None
-    with open(log_path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            m = STAMP.match(line)
-            if m:
-                t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
-                if "[config] dataset" in line:
-                    if start is not None:
-                        seconds += last - start
-                    start = t
-                last = t
-            e = EPOCH_LINE.search(line)
-            if e:
-                done = int(e.group(1))
-                speeds.append(float(e.group(3)))
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                m = STAMP.match(line)
+                t = None
+                if m:
+                    try:
+                        t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
+                    except (ValueError, OverflowError, OSError):
+                        pass
+                if t is not None:
+                    if "[config] dataset" in line:
+                        if start is not None:
+                            seconds += max(0.0, last - start)
+                        start = t
+                    last = t
+                e = EPOCH_LINE.search(line)
+                if e:
+                    done = int(e.group(1))
+                    try:
+                        speed = float(e.group(3))
+                    except ValueError:
+                        continue
+                    if 0 < speed < float("inf"):
+                        speeds.append(speed)
+    except OSError:
+        pass
     if start is not None:
-        seconds += last - start
+        seconds += max(0.0, last - start)
     return speeds, done, seconds
 
 
@@ -77,25 +101,90 @@ def count_train_images(dataset, root):
         return None
 
 
-def measured(exp):
-    """Speeds and evaluation times logged by the experiment's cells so far.
+def this_machine(dev):
+    """``utils.device.machine_info`` of device type ``dev`` here, or None when this machine lacks it
+    (a CUDA experiment planned on a machine without a GPU)."""
+    return _this_machine(dev)
 
-    Returns: dict ``method`` -> median images/s, ``backbone`` -> median images/s (keys prefixed
-    ``net:``), and ``eval_s`` (mean evaluation seconds of finished cells, or None).
+
+@functools.lru_cache(maxsize=None)
+def _this_machine(dev):
+    import torch
+
+    from utils.device import machine_info
+    if dev == "cuda" and not torch.cuda.is_available():
+        return None
+    try:
+        return machine_info(dev)
+    except Exception:  # an estimate must never stop the grid
+        return None
+
+
+def ran_here(record, here):
+    """Whether a finished cell's metrics.json dict ``record`` was written on the machine ``here``
+    (``this_machine``): the same GPU name, or no GPU and the same CPU model and capability. A
+    record without them (written before issue 21) never matches."""
+    if not isinstance(record, dict) or not here:
+        return False
+    if here.get("gpu_name"):
+        return record.get("gpu_name") == here["gpu_name"]
+    return (record.get("gpu_name") is None and record.get("cpu_model") is not None
+            and record.get("cpu_model") == here["cpu_model"] and record.get("cpu_capability") == here["cpu_capability"])
+
+
+def cell_precision(cell, dev):
+    """``"bf16"`` or ``"fp32"``: the precision the trainer would pick for ``cell`` on device type
+    ``dev`` of this machine (``utils.device.choose_precision`` of the cell's ``amp``)."""
+    import torch
+
+    from methods import METHODS
+    from utils.device import choose_precision
+    amp = {True: "on", False: "off"}.get(cell.amp, cell.amp)
+    allowed = cell.method not in METHODS or "amp" not in METHODS[cell.method].unsupported
+    try:
+        return choose_precision(amp, torch.device(dev), allowed)[1]
+    except ValueError:
+        return "fp32"
+
+
+def _read_record(cell):
+    try:
+        with open(cell.path("metrics.json")) as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def measured(exp):
+    """Speeds and evaluation times of the experiment's finished cells that ran on this machine.
+
+    Returns: dict with ``("method", method, precision, threads)`` and ``("net", network, image
+    size, precision, threads)`` -> median images/s over their logged epochs; ``eval_s`` (mean
+    evaluation seconds of those cells, or None); ``here`` (``this_machine``); ``ran_here`` and
+    ``elsewhere``: how many finished cells ran here and how many on another (or an unrecorded)
+    machine, whose figures are not used.
     """
-    by_method, by_net, evals = {}, {}, []
+    here = this_machine(device_type(exp))
+    groups, evals, counts = {}, [], {"ran_here": 0, "elsewhere": 0}
     for cell in exp.cells:
+        record = _read_record(cell)
+        if record is None:
+            continue
+        if not ran_here(record, here):
+            counts["elsewhere"] += 1
+            continue
+        counts["ran_here"] += 1
         speeds, _, _ = read_log(cell.path("model.log"))
-        by_method.setdefault(cell.method, []).extend(speeds)
-        by_net.setdefault(cell.backbone, []).extend(speeds)
+        precision, threads = record.get("precision"), record.get("threads")
+        groups.setdefault(("method", cell.method, precision, threads), []).extend(speeds)
+        groups.setdefault(("net", cell.backbone, cell.image_size, precision, threads), []).extend(speeds)
         try:
-            with open(cell.path("metrics.json")) as f:
-                evals.append(float(json.load(f)["eval_s"]))
-        except (OSError, ValueError, KeyError):
+            evals.append(float(record["eval_s"]))
+        except (KeyError, TypeError, ValueError):
             pass
-    out = {m: statistics.median(v) for m, v in by_method.items() if v}
-    out.update({f"net:{n}": statistics.median(v) for n, v in by_net.items() if v})
-    out["eval_s"] = statistics.fmean(evals) if evals else None
+    out = {k: statistics.median(v) for k, v in groups.items() if v}
+    out.update(counts, here=here, eval_s=statistics.fmean(evals) if evals else None)
     return out
 
 
@@ -107,18 +196,99 @@ def device_type(exp):
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def time_batches(backbone, image_size, bits, bs, precision, threads, dev):
+    """Images/s of ``backbone``'s training step on device type ``dev`` here: one warm-up batch,
+    then up to ``TIMED_BATCHES`` timed ones (fewer once ``TIMING_BUDGET_S`` has passed) of random
+    (B, 3, image_size, image_size) float32 images, B = ``bs`` on a GPU and at most
+    ``CPU_TIMING_BATCH`` on the CPU, forward in ``precision`` ("bf16": autocast) with ``threads``
+    torch threads (restored after), a squared-code loss, backward and an Adam step. The method's
+    own loss and the data loading are left out.
+
+    Returns: (images/s float, batches timed int, batch size int).
+    Raises: whatever torch raises (out of memory, ...); ``cell_speed`` turns it into "unknown".
+    """
+    import torch
+
+    from models import build_model
+    device = torch.device(dev)
+    batch = bs if device.type == "cuda" else min(bs, CPU_TIMING_BATCH)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = build_model(backbone, bits).to(device).to(memory_format=torch.channels_last).train()
+        optimizer = torch.optim.Adam(model.parameters())
+        images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(
+            memory_format=torch.channels_last)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                codes = model(images)
+            optimizer.zero_grad(set_to_none=True)
+            codes.float().pow(2).mean().backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        step()
+        n, start = 0, time.perf_counter()
+        while n < TIMED_BATCHES and (n == 0 or time.perf_counter() - start < TIMING_BUDGET_S):
+            step()
+            n += 1
+        return batch * n / (time.perf_counter() - start), n, batch
+    finally:
+        torch.set_num_threads(before)
+
+
+def timed_speed(cell, dev, precision):
+    """(images/s or None, source) of ``cell``'s network timed here (``time_batches``), once per
+    (network, image size, batch, precision, threads) in this process."""
+    batch = cell.bs if dev == "cuda" else min(cell.bs, CPU_TIMING_BATCH)
+    key = (dev, cell.backbone, cell.image_size, batch, precision, cell.threads)
+    if key not in _TIMED:
+        try:
+            _TIMED[key] = time_batches(cell.backbone, cell.image_size, cell.bits, cell.bs, precision,
+                                       cell.threads, dev)
+        except Exception:  # an estimate must never stop the grid: the run reports real errors
+            _TIMED[key] = None
+    timed = _TIMED[key]
+    return (timed[0], "timed here") if timed else (None, "unknown (timing failed)")
+
+
 def cell_speed(cell, speeds, dev):
-    """(images/s or None, where it comes from) for ``cell``."""
-    if cell.method in speeds:
-        return speeds[cell.method], f"measured, {cell.method}"
-    if f"net:{cell.backbone}" in speeds:
-        return speeds[f"net:{cell.backbone}"], f"measured, {cell.backbone}"
-    amp = cell.amp == "on" or (cell.amp == "auto" and dev == "cuda")
-    if (cell.backbone, dev, amp) in DEFAULT_SPEED:
-        return DEFAULT_SPEED[cell.backbone, dev, amp], "default"
-    if cell.backbone in SMALL_NETWORKS and ("dfhnet", dev, amp) in DEFAULT_SPEED:
-        return DEFAULT_SPEED["dfhnet", dev, amp], "dfhnet's default"
-    return None, "unknown"
+    """(images/s or None, where it comes from) for ``cell`` on this machine.
+
+    A finished cell: the median its metrics.json records (``recorded``). Otherwise, for the
+    precision and threads the cell would use here: its method's cells that ran here
+    (``<method> here``), else its network's (``<network> here``), else ``timed_speed`` (``timed
+    here``), else None: ``unknown`` (the device is not on this machine, or the timing failed).
+    """
+    record = _read_record(cell)
+    if record is not None and isinstance(record.get("images_per_s"), (int, float)):
+        return record["images_per_s"], "recorded"
+    precision = cell_precision(cell, dev)
+    for key, source in ((("method", cell.method, precision, cell.threads), f"{cell.method} here"),
+                        (("net", cell.backbone, cell.image_size, precision, cell.threads), f"{cell.backbone} here")):
+        if key in speeds:
+            return speeds[key], source
+    if not speeds.get("here") or not cell.image_size:
+        return None, "unknown"
+    return timed_speed(cell, dev, precision)
+
+
+def speed_note(speeds):
+    """One line saying where the estimates' speeds come from (``measured``'s dict, after
+    ``cell_speed`` has run for the cells)."""
+    here = speeds.get("here")
+    if not here:
+        return ("speeds: unknown: this machine lacks the experiment's device, so nothing can be timed here "
+                "and no other machine's figures are used")
+    machine = here["gpu_name"] or f"{here['cpu_model']} ({here['cpu_capability']})"
+    timed = [f"{net} {precision} {threads} thread{'s' if threads != 1 else ''} {t[0]:.0f} images/s "
+             f"({t[1]} batch{'es' if t[1] != 1 else ''} of {t[2]})"
+             for (dev, net, size, batch, precision, threads), t in _TIMED.items() if t]
+    return (f"speeds: of this machine only ({machine}): {speeds.get('ran_here', 0)} finished cell(s) ran here; "
+            f"{speeds.get('elsewhere', 0)} ran on another machine or did not record it (not used)"
+            + ("; timed here: " + ", ".join(timed) if timed else ""))
 
 
 def cell_estimate(cell, n_images, speeds, dev, epochs_done=0):

@@ -4,9 +4,15 @@
 * ``table_<metric>.md`` / ``.tex`` for mAP and precision / recall within Hamming radius 2:
   methods x code lengths, mean ± standard deviation over seeds (in %), best of each column in bold;
 * figures (PNG): mAP, precision and recall within radius 2 against code length; the PR curve over
-  Hamming radii and precision@N over the ranking at one code length (``figure_bits``).
+  Hamming radii and precision@N over the ranking at one code length (``figure_bits``);
+* with ``unseen_identities`` (identities held out of training): ``table_map_unseen`` beside
+  ``table_map`` and ``fig_map_protocols_vs_bits.png`` (mAP against code length, both protocols);
+  tables of mAP end with a chance-level row when the cells recorded it.
 
-Every file is written atomically; the report can be rebuilt at any time (``reproduce.py --report``).
+A cell counts as finished only when its ``metrics.json`` parses and holds what a finished cell
+writes (``check_metrics``); any other is named in a one-line warning and left out. Every file is
+written atomically (a temporary file, then ``os.replace``); the report can be rebuilt at any time
+(``reproduce.py --report``).
 """
 import csv
 import io
@@ -16,19 +22,31 @@ import statistics
 
 from utils.checkpoint import atomic_write
 
-MEASURED = ("train_s", "eval_s", "wall_s", "images_per_s", "host", "finished")
-"""Columns of results.csv that are measurements (time, speed, machine, date): they differ between
-two runs of the same grid. Every other column is determined by the code, data and settings."""
+MEASURED = ("train_s", "eval_s", "wall_s", "images_per_s", "finished")
+"""Columns of results.csv that are measurements (time, speed, date): they differ between two runs
+of the same grid. ``MACHINE`` names the machine; every other column is determined by the code,
+the data, the settings (``threads`` included) and the machine's kind (``precision`` follows ``amp``
+and whether the CPU has native bf16)."""
 
-METRIC_ORDER = ("map", "map_tie_aware", "precision_at_1", "precision_at_5", "precision_at_10",
-                "precision_radius_2", "recall_radius_2", "queries_without_relevant", "num_queries",
-                "num_database")
-RUN_COLUMNS = ("epochs", "epochs_run", "best_epoch", "best_loss", "backbone", "image_size", "amp", "train_s",
-               "eval_s", "wall_s", "images_per_s", "device", "host", "code_version", "finished")
+MACHINE = ("cpu_model", "cpu_capability", "gpu_name")
+"""Columns of results.csv naming the machine a cell ran on (empty for cells recorded before
+issue 21, which did not record it)."""
+
+METRIC_ORDER = ("map", "map_tie_aware", "chance_map", "real_map", "precision_at_1", "precision_at_5",
+                "precision_at_10", "precision_radius_2", "recall_radius_2", "queries_without_relevant",
+                "num_queries", "num_database", "map_unseen", "map_tie_aware_unseen", "chance_map_unseen",
+                "real_map_unseen")
+RUN_COLUMNS = ("epochs", "epochs_run", "best_epoch", "best_loss", "backbone", "image_size", "amp", "precision",
+               "threads", "train_s", "eval_s", "wall_s", "images_per_s", "device", *MACHINE, "code_version",
+               "finished")
 TABLES = (("map", "mAP"), ("precision_radius_2", "precision within Hamming radius 2"),
           ("recall_radius_2", "recall within Hamming radius 2"))
+UNSEEN_TABLES = (("map_unseen", "mAP on identities held out of training"),)
+"""Tables of the unseen-identities protocol, written when the cells report it (``unseen_identities``)."""
+CHANCE = {"map": "chance_map", "map_unseen": "chance_map_unseen"}
+"""The chance level (expected mAP of a random ranking) shown under a table of mAP, when recorded."""
 DATA_NAMES = {"facescrub": "FaceScrub", "youtube": "YouTube Faces", "vggface2": "VGGFace2"}
-METHOD_NAMES = {"orthohash": "OrthoHash"}
+METHOD_NAMES = {"orthohash": "OrthoHash", "classifier": "classifier codes"}
 
 
 def method_name(method):
@@ -40,19 +58,121 @@ def data_label(exp):
     return DATA_NAMES.get(exp.dataset) or f"{os.path.basename(exp.data_root.rstrip(os.sep))} ({exp.dataset})"
 
 
-def read_metrics(cell):
-    """The cell's metrics.json as a dict, or None when the cell has not finished."""
+REQUIRED_METRICS = tuple(key for key, _ in TABLES)
+"""Metrics every finished cell's ``metrics.json`` holds (the tables' and the runner's lines)."""
+
+CURVES = {"pr_over_radius": ("radius", "precision", "recall"), "precision_at_n": ("ranks", "precision", "recall")}
+"""The curves of a finished cell's ``metrics.json`` and their lists (one length per curve)."""
+
+
+def _json_type(value):
+    """The JSON name of a parsed value's type (object, array, string, number, true/false, null)."""
+    return {dict: "an object", list: "an array", str: "a string", bool: "true/false", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def metrics_problem(m, cell):
+    """Why ``m`` (a parsed ``metrics.json``) is not the record of the finished ``cell``, in a few
+    words; None when it is one.
+
+    A finished cell's record is a JSON object with ``metrics`` (an object of numbers, nulls or
+    nested objects, with the numbers ``REQUIRED_METRICS``), ``curves`` (``CURVES``: non-empty lists of numbers,
+    one length per curve), ``epochs_run`` and ``best_epoch`` (integers >= 1); its ``cell``,
+    ``method``, ``bits`` and ``seed``, where present, are ``cell``'s (a file copied from another
+    cell is refused).
+    """
+    if not isinstance(m, dict):
+        return f"expected a JSON object, got {_json_type(m)}"
+    metrics = m.get("metrics")
+    if not isinstance(metrics, dict):
+        return ("no 'metrics' object" if metrics is None
+                else f"'metrics' is {_json_type(metrics)}, expected an object")
+    for key in REQUIRED_METRICS:
+        if key not in metrics:
+            return f"no '{key}' in 'metrics'"
+    clash = sorted(set(metrics) & {"experiment", "dataset", "method", "seed", *RUN_COLUMNS})
+    if clash:
+        return f"'metrics' holds '{clash[0]}', a column of its own in results.csv"
+    for key, value in metrics.items():
+        if not (_is_number(value) or (key not in REQUIRED_METRICS and (value is None or isinstance(value, dict)))):
+            return f"metrics '{key}' is {value!r:.40}, expected a number"
+    curves = m.get("curves")
+    if not isinstance(curves, dict):
+        return "no 'curves' object" if curves is None else f"'curves' is {_json_type(curves)}, expected an object"
+    for name, keys in CURVES.items():
+        curve = curves.get(name)
+        if not isinstance(curve, dict):
+            return f"no '{name}' object in 'curves'"
+        lists = [curve.get(k) for k in keys]
+        for key, values in zip(keys, lists):
+            if not isinstance(values, list) or not values or not all(_is_number(v) for v in values):
+                return f"curves '{name}' '{key}' is not a non-empty list of numbers"
+        if len({len(v) for v in lists}) > 1:
+            return f"curves '{name}': {', '.join(keys)} differ in length"
+    for key in ("epochs_run", "best_epoch"):
+        value = m.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return f"'{key}' is {value!r:.40}, expected an integer >= 1" if key in m else f"no '{key}'"
+    for key, want in (("cell", cell.name), ("method", cell.method), ("bits", cell.bits), ("seed", cell.seed)):
+        if key in m and m[key] != want:
+            return f"its {key} is {m[key]!r:.40}, not this cell's {want!r} (another cell's file?)"
+    return None
+
+
+def check_metrics(cell):
+    """Read and check the cell's ``metrics.json``.
+
+    Returns: ``(dict, None)`` for a finished cell; ``(None, None)`` when there is no such file
+    (the cell has not finished); ``(None, problem)`` when the file is there but does not parse or
+    is not a finished cell's record (``metrics_problem``): such a cell is not finished.
+    """
+    path = cell.path("metrics.json")
     try:
-        with open(cell.path("metrics.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    try:
+        m = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        return None, f"not valid JSON ({str(e).splitlines()[0][:80]})"
+    problem = metrics_problem(m, cell)
+    return (None, problem) if problem else (m, None)
 
 
-def collect(exp):
-    """(cell, metrics dict) of every finished cell, by method (as listed), code length and seed."""
+def read_metrics(cell):
+    """The cell's metrics.json as a dict, or None when the cell has not finished (no file, or a
+    file that is not a finished cell's record: ``check_metrics``)."""
+    return check_metrics(cell)[0]
+
+
+def bad_metrics_line(cell, problem):
+    """The one-line warning for a cell whose ``metrics.json`` is there but unusable (``problem``:
+    ``check_metrics``'s words); the runner and ``reproduce.py --report`` print the same line."""
+    return (f"warning: {cell.path('metrics.json')}: {problem}; the cell is not counted as finished "
+            "(left out of the report); running the grid sets the file aside and evaluates or trains "
+            "the cell again")
+
+
+def collect(exp, warn=None):
+    """(cell, metrics dict) of every finished cell, by method (as listed), code length and seed.
+
+    ``warn``: called with ``bad_metrics_line`` for each cell whose ``metrics.json`` is unusable."""
     order = lambda c: (exp.methods.index(c.method), exp.bits.index(c.bits), exp.seeds.index(c.seed))  # noqa: E731
-    return [(c, m) for c in sorted(exp.cells, key=order) for m in [read_metrics(c)] if m is not None]
+    finished = []
+    for cell in sorted(exp.cells, key=order):
+        m, problem = check_metrics(cell)
+        if problem and warn:
+            warn(bad_metrics_line(cell, problem))
+        if m is not None:
+            finished.append((cell, m))
+    return finished
 
 
 def _write_text(path, text):
@@ -69,6 +189,8 @@ def write_csv(exp, finished, path):
     for cell, m in finished:
         row = {"experiment": exp.name, "dataset": exp.dataset, "method": cell.method, "bits": cell.bits,
                "seed": cell.seed, **m["metrics"], **{k: m.get(k) for k in RUN_COLUMNS}}
+        if row["precision"] is None and isinstance(row["amp"], bool):  # recorded before issue 21
+            row["precision"] = "bf16" if row["amp"] else "fp32"
         w.writerow(["" if row.get(k) is None else row[k] for k in header])
     _write_text(path, buf.getvalue())
 
@@ -108,8 +230,21 @@ def _caption(exp, title):
             "code length in bold.")
 
 
+def _chance_row(exp, finished, key):
+    """{bits: text or None} of the chance level under a table of ``key`` (``CHANCE``; mean over the
+    finished cells of each code length, in %: it depends on the data split only), or None."""
+    values = {}
+    for cell, m in finished:
+        if CHANCE.get(key) in m["metrics"]:
+            values.setdefault(cell.bits, []).append(100 * m["metrics"][CHANCE[key]])
+    if not values:
+        return None
+    return {b: f"{statistics.fmean(values[b]):.2f}" if b in values else None for b in exp.bits}
+
+
 def markdown_table(exp, finished, key, title):
     cells = _cells(exp, summarize(exp, finished, key))
+    chance = _chance_row(exp, finished, key)
     lines = [f"# {exp.name}: {title}", "", _caption(exp, title), "",
              "| method | " + " | ".join(f"{b} bits" for b in exp.bits) + " |",
              "| --- |" + " ---: |" * len(exp.bits)]
@@ -119,6 +254,8 @@ def markdown_table(exp, finished, key, title):
             text, best = cells[method, b]
             row.append("—" if text is None else (f"**{text}**" if best else text))
         lines.append(f"| {method_name(method)} | " + " | ".join(row) + " |")
+    if chance:
+        lines.append("| chance level | " + " | ".join(chance[b] or "—" for b in exp.bits) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -141,6 +278,9 @@ def latex_table(exp, finished, key, title):
             text, best = cells[method, b]
             row.append("--" if text is None else (f"\\textbf{{{_tex(text)}}}" if best else _tex(text)))
         lines.append(f"{_tex(method_name(method))} & " + " & ".join(row) + r" \\")
+    chance = _chance_row(exp, finished, key)
+    if chance:
+        lines += [r"\midrule", "chance level & " + " & ".join(chance[b] or "--" for b in exp.bits) + r" \\"]
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
@@ -176,6 +316,37 @@ def figure_vs_bits(exp, finished, key, title, path):
                             label=method_name(method))
         ax.set(xlabel="code length (bits)", ylabel=title, xticks=exp.bits, ylim=(0, 1.02))
     _figure(path, draw, f"{title} — {data_label(exp)}\nexperiment {exp.name}, {_seeds_text(n)}")
+
+
+def figure_protocols_vs_bits(exp, finished, path):
+    """mAP against code length under both protocols: trained identities (solid line, filled circle)
+    and identities held out of training (dashed, open square), one colour per method; chance levels
+    in grey."""
+    trained, unseen = summarize(exp, finished, "map"), summarize(exp, finished, "map_unseen")
+    n = max(s[2] for s in list(trained.values()) + list(unseen.values()))
+
+    def draw(ax):
+        for i, method in enumerate(exp.methods):
+            for stats, style, mark, where in ((trained, "-", "o", "trained identities"),
+                                              (unseen, "--", "s", "unseen identities")):
+                pts = [(b, stats[method, b]) for b in exp.bits if (method, b) in stats]
+                if pts:
+                    ax.errorbar([b for b, _ in pts], [s[0] / 100 for _, s in pts],
+                                yerr=[(s[1] or 0) / 100 for _, s in pts], marker=mark, ms=5, capsize=3,
+                                mfc="none" if mark == "s" else None, linestyle=style, color=f"C{i % 10}",
+                                label=f"{method_name(method)}, {where}")
+        for key, style, mark in (("map", "-", "o"), ("map_unseen", "--", "s")):
+            chance = _chance_row(exp, finished, key)
+            pts = [(b, float(chance[b])) for b in exp.bits if chance and chance[b]]
+            if pts:
+                ax.plot([b for b, _ in pts], [v / 100 for _, v in pts], linestyle=style, marker=mark, ms=4,
+                        mfc="none" if mark == "s" else None, color="0.6",
+                        label="chance, " + ("trained" if key == "map" else "unseen") + " identities")
+        ax.set(xlabel="code length (bits)", ylabel="mAP", xticks=exp.bits, ylim=(0, 1.02))
+    held = (f"{exp.unseen_identities} identities held out of training" if exp.unseen_identities
+            else "held-out identities")
+    _figure(path, draw, f"mAP, trained and unseen identities ({held}) — {data_label(exp)}\n"
+            f"experiment {exp.name}, {_seeds_text(n)}")
 
 
 def _mean_curves(finished, method, bits, curve, xkey):
@@ -221,9 +392,11 @@ def figure_bits(exp):
     return exp.figure_bits or max(exp.bits)
 
 
-def write_report(exp):
-    """Rewrite every report file of ``exp`` from its finished cells; returns the written paths."""
-    finished = collect(exp)
+def write_report(exp, warn=None):
+    """Rewrite every report file of ``exp`` from its finished cells (each ``metrics.json``
+    checked first: ``check_metrics``); returns the written paths. ``warn`` is called with the
+    one-line warning of each cell whose ``metrics.json`` is unusable (left out)."""
+    finished = collect(exp, warn)
     if not finished:
         return []
     os.makedirs(exp.out_dir, exist_ok=True)
@@ -234,10 +407,20 @@ def write_report(exp):
         _write_text(out(f"table_{key}.md"), markdown_table(exp, finished, key, title))
         _write_text(out(f"table_{key}.tex"), latex_table(exp, finished, key, title))
         paths += [out(f"table_{key}.md"), out(f"table_{key}.tex")]
+    for key, title in UNSEEN_TABLES:
+        if any(key in m["metrics"] for _, m in finished):
+            if exp.unseen_identities:
+                title = f"mAP on the {exp.unseen_identities} identities held out of training"
+            _write_text(out(f"table_{key}.md"), markdown_table(exp, finished, key, title))
+            _write_text(out(f"table_{key}.tex"), latex_table(exp, finished, key, title))
+            paths += [out(f"table_{key}.md"), out(f"table_{key}.tex")]
     for key, title in TABLES:
         if any(key in m["metrics"] for _, m in finished):
             paths.append(out(f"fig_{key}_vs_bits.png"))
             figure_vs_bits(exp, finished, key, title, paths[-1])
+    if any("map_unseen" in m["metrics"] for _, m in finished):
+        paths.append(out("fig_map_protocols_vs_bits.png"))
+        figure_protocols_vs_bits(exp, finished, paths[-1])
     bits = figure_bits(exp)
     if any(c.bits == bits for c, _ in finished):  # drawn once a cell of that code length has finished
         paths += [out(f"fig_pr_curve_{bits}b.png"), out(f"fig_precision_at_n_{bits}b.png")]

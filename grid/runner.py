@@ -7,6 +7,11 @@ so a second runner on the same folder (a rerun, another shard, a job array on a 
 system) leaves it alone. A failing cell is reported with the last line of its output and the
 others go on. After every finished cell the report (``grid.report``) is rewritten.
 
+A cell is finished when its ``metrics.json`` checks (``report.check_metrics``); an unusable one
+is named in one line, set aside (``metrics.json.bad-N``, never deleted) and the cell runs again
+(``grid.cell`` evaluates its checkpoint again when training had ended). ``check_data`` reads the
+data as the trainer does, so bad data stops the grid before any folder is made.
+
 A cell folder remembers the settings it was started with (``cell.json``); a run with other
 settings is refused for a cell that has made progress (an epoch logged, a checkpoint, a
 ``metrics.json``), but a folder without progress (a cell that failed during its setup, before
@@ -26,6 +31,7 @@ from utils.checkpoint import atomic_write, make_writable_folder
 from utils.errors import UserInputError
 
 from . import estimate, report
+from .cell import set_aside
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,8 +100,10 @@ def locked_elsewhere(cell):
 def status(cell, check_lock=True):
     """(``finished`` | ``running`` | ``partial`` | ``todo``, epochs done per the log).
 
-    ``check_lock`` False: the caller holds the lock (a second flock would see it as taken)."""
-    if os.path.isfile(cell.path("metrics.json")):
+    ``check_lock`` False: the caller holds the lock (a second flock would see it as taken).
+    A cell is finished when its ``metrics.json`` is a finished cell's record
+    (``report.check_metrics``); with an unusable one it is partial (or todo)."""
+    if report.read_metrics(cell) is not None:
         return "finished", cell.epochs
     if check_lock and os.path.isfile(cell.path(".lock")) and locked_elsewhere(cell):
         return "running", estimate.read_log(cell.path("model.log"))[1]
@@ -105,9 +113,16 @@ def status(cell, check_lock=True):
 
 
 def cell_spec(exp, cell):
-    return {"experiment": exp.name, "cell": cell.name, "method": cell.method, "bits": cell.bits,
-            "seed": cell.seed, "dataset": exp.dataset, "data_root": exp.data_root, "device": exp.device,
-            "train_flags": cell.train_flags, "eval_flags": cell.eval_flags, "settings": cell.settings}
+    """The cell's cell.json: paths relative to the output folder, threads (``config.portable_spec``)."""
+    from .config import portable_spec
+    return portable_spec({"experiment": exp.name, "cell": cell.name, "method": cell.method, "bits": cell.bits,
+                          "seed": cell.seed, "dataset": exp.dataset, "data_root": exp.data_root, "device": exp.device,
+                          "train_flags": cell.train_flags, "eval_flags": cell.eval_flags, "settings": cell.settings},
+                         exp.out_dir, cell.threads)
+
+
+MACHINE_SETTINGS = ("amp",)
+"""Settings that do not identify a cell's progress (``settings_conflict`` ignores them)."""
 
 
 def settings_conflict(cell, state):
@@ -127,6 +142,10 @@ def settings_conflict(cell, state):
         return (f"{cell.dir}: this cell has progress but its cell.json cannot be read, so its settings are "
                 "unknown; delete the folder to start it again")
     new = json.loads(json.dumps(cell.settings))
+    # the precision (--amp auto/on/off) is a choice of the machine: auto is bf16 on one CPU and fp32 on
+    # another, and each cell records the precision it actually used (metrics.json, results.csv), so
+    # changing it never invalidates progress (dcdh_train.py --resume accepts another --amp too)
+    old, new = ({k: v for k, v in s.items() if k not in MACHINE_SETTINGS} for s in (old, new))
     if old == new:
         return None
     diff = ", ".join(f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
@@ -142,6 +161,49 @@ def check_settings(cells):
             message = settings_conflict(cell, status(cell)[0])
             if message:
                 raise UserInputError(message)
+
+
+def _folder_identities(root, split):
+    """Identities of an image-folder split that hold image files, listed as ``data.folder.FaceFolder``
+    lists them but without decoding the images (a whole decode of a large set would make a dry
+    run take minutes; an undecodable image is skipped by the trainer with a warning).
+    Raises: UserInputError with FaceFolder's message for a missing or empty split."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise UserInputError(f"{folder}: no such folder (an image-folder dataset needs "
+                             f"{split}/<identity>/<images>)")
+    try:
+        classes, index = find_classes(folder)
+        samples = make_dataset(folder, index, extensions=IMG_EXTENSIONS, allow_empty=True)
+    except FileNotFoundError as e:
+        raise UserInputError(f"{folder}: {e}") from None
+    except OSError as e:
+        raise UserInputError(f"{folder}: cannot be listed ({e.strerror or e})") from None
+    if not samples:
+        raise UserInputError(f"{folder}: no images found (expected {split}/<identity>/*.jpg|png|pgm...)")
+    return {classes[target] for _, target in samples}
+
+
+def check_data(exp):
+    """Check the data folder's contents as dcdh_train.py does before its first epoch, so that a
+    data problem stops the grid (one line, exit 2) before any folder is made rather than failing
+    every cell. DDH-layout sets are read as the trainer reads them (``data.build_datasets``: an
+    empty split, a corrupt or foreign ``.pkl``, a folder named ``*.pkl``); image folders are
+    listed (``_folder_identities``). Sets ``exp.train_images`` when it was not counted.
+
+    Raises: UserInputError with the trainer's message (naming the folder or file).
+    """
+    from data import DDH_LAYOUT, build_datasets
+    if exp.dataset in DDH_LAYOUT:
+        database, _, label_map = build_datasets(exp.dataset, exp.data_root)
+        identities = len(label_map)
+        exp.train_images = exp.train_images or len(database)
+    else:
+        identities = len(_folder_identities(exp.data_root, "train"))
+        _folder_identities(exp.data_root, "test")
+    if identities < 2:  # dcdh_train.py's own check and message
+        raise UserInputError(f"the training split has {identities} identity; hashing needs at least 2")
 
 
 def make_out_dir(exp, key):
@@ -239,8 +301,16 @@ class Runner:
         if fd is None:
             return cell, "elsewhere", 0.0, "its folder is locked by another running process"
         try:
-            if os.path.isfile(cell.path("metrics.json")):
+            metrics, problem = report.check_metrics(cell)
+            if metrics is not None:
                 return cell, "finished-before", 0.0, ""
+            if problem:  # not a finished cell's record: kept under another name, the cell runs again
+                try:
+                    kept = set_aside(cell.path("metrics.json"), "bad")
+                except OSError as e:
+                    return cell, "failed", 0.0, (f"cannot set aside its unusable {cell.path('metrics.json')}: "
+                                                 f"{e.strerror or e}")
+                self.say(f"{cell.name}: its unusable metrics.json is set aside as {os.path.basename(kept)}")
             state, done = status(cell, check_lock=False)
             conflict = settings_conflict(cell, state)  # another runner may have started it meanwhile
             if conflict:
@@ -286,6 +356,10 @@ class Runner:
             self.say(f"{self.exp.name}: nothing to run: all {len(self.cells)} cells are finished")
             self.write_report()
             return 0
+        for cell in self._pending:  # named once; run_cell sets the file aside and runs the cell again
+            problem = report.check_metrics(cell)[1]
+            if problem:
+                self.say(report.bad_metrics_line(cell, problem))
         pool = ThreadPoolExecutor(max_workers=self.jobs)
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminated) if main else None  # kill -TERM stops the cells too
@@ -346,10 +420,12 @@ class Runner:
         return paths
 
     def summary(self):
-        rel = display(self.exp.out_dir)
+        """The closing lines; they name results.csv only when it exists (no cell finished: none)."""
+        csv_path = os.path.join(self.exp.out_dir, "results.csv")
+        where = (f"results in {display(csv_path)}" if os.path.isfile(csv_path)
+                 else "no report written (no finished cell)")
         self.say(f"{self.exp.name}: {self.trained} cell(s) run, {len(self.failed)} failed, "
-                 f"{len(self.elsewhere)} running elsewhere, {self.finished} of {len(self.cells)} finished; "
-                 f"results in {os.path.join(rel, 'results.csv')}")
+                 f"{len(self.elsewhere)} running elsewhere, {self.finished} of {len(self.cells)} finished; {where}")
         for cell, message in self.failed:
             self.say(f"  failed: {cell.name}: {message} (rerun the same command to retry it)")
 
@@ -386,6 +462,8 @@ def plan(exp, cells, jobs=1, shard=None):
         speed = f"{ips:.0f} ({source})" if ips else source
         lines.append(f"{cell.name:<22} {shown:<22} {cell.epochs:>6}  {speed:<24} "
                      + ("-" if state == "finished" else estimate.format_duration(seconds)))
+    lines += [report.bad_metrics_line(cell, problem) for cell in cells
+              for problem in [report.check_metrics(cell)[1]] if problem]
     to_run = counts.get("todo", 0) + counts.get("partial", 0)
     eval_note = ("evaluation at its measured time" if speeds.get("eval_s") is not None
                  else f"start-up and evaluation {estimate.OVERHEAD_S:.0f} s a cell until a cell has finished")

@@ -49,6 +49,15 @@ Class attributes a method declares:
   two-branch ``ddahnet``); the trainer uses it when ``--backbone`` is not given and refuses any
   other in one line. None (the default): any backbone whose output is (B, K).
 
+The encode step (what evaluation, search and the grid turn network outputs into):
+
+* ``encode(outputs)`` — float (B, K) network outputs -> float (B, K) codes of +-1. Default:
+  ``sign(u)`` with 0 -> -1 (``utils.codes.binarize``), the code of every method that trains its
+  outputs towards their bits. A method whose code is something else overrides it (the classifier
+  baseline: the codeword of its predicted class); evaluation rebuilds such a method from the
+  checkpoint's config and saved state (``methods.checkpoint_encoder``), so its constructor must
+  not need ``train_labels``.
+
 Class method the trainer calls before building anything (``engine.preflight``):
 
 * ``memory_estimate(num_classes, bits, num_train, batch_size, hparams=None)`` — bytes of the
@@ -61,6 +70,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from utils.codes import binarize
 
 FEATURES = ("ddp", "amp", "compile")
 """Training features a method may declare in ``unsupported``."""
@@ -178,6 +189,11 @@ class HashingMethod(nn.Module):
         """
         c, k, b = int(num_classes), int(bits), int(batch_size)
         return FLOAT32 * (4 * c * k + LOGIT_TENSORS * b * c)
+
+    def encode(self, outputs):
+        """Codes of network outputs: float (B, K) -> +-1 of the same shape, dtype and device.
+        Default: ``sign(u)`` with 0 -> -1 (``utils.codes.binarize``); see the module docstring."""
+        return binarize(outputs)
 
     def epoch_end(self):
         """Called after each training epoch under ``torch.no_grad()``; nothing by default."""

@@ -80,10 +80,11 @@ Differences from the paper and the reference code (all stated):
   The authors' optional pairwise term (``--lambda1``, 0 in every README command) is not
   implemented.
 * Random centers: the authors' notebook draws balanced words (exactly K/2 of each sign) and
-  redraws the whole set until min >= 20 and mean >= 32 (100 classes, 64 bits); a later
-  ``get_hash_targets`` of DeepHash-pytorch lineage (seen in derived code) fills the rows beyond
-  2K the same way, at most 20 redraws, stopping at min > K/4 (the version of ``CSQ.py`` read has
-  no fallback: it supports C <= 2K only). We draw unrestricted Bernoulli(0.5) words and maximise
+  redraws the whole set until min >= 20 and mean >= 32 (100 classes, 64 bits). DeepHash-pytorch's
+  ``CSQ.py`` has the same fallback for C > 2K since 2020 (its ``get_hash_targets``): the first 2K
+  rows from ``[H_K; -H_K]``, the rows beyond filled with balanced words, the whole fill redrawn at
+  most 20 times, stopping once min > K/4 and mean >= K/2 (its Hadamard part needs K a power of 2;
+  only its earliest ``CSQ.py`` lacked the fallback). We draw unrestricted Bernoulli(0.5) words and maximise
   the minimum distance greedily as above (``bernoulli`` keeps unspaced random centers available).
 * Single-label only: the reference's multi-label centroid targets (NUS-WIDE, COCO) do not apply.
 * Optimisation recipe: the paper trains ImageNet-pretrained ResNet-50/AlexNet (Adam; lr 1e-4

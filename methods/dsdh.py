@@ -1,6 +1,6 @@
 """DSDH: Deep Supervised Discrete Hashing (Qi Li, Zhenan Sun, Ran He, Tieniu Tan, NeurIPS 2017,
 pp. 2482-2491; arXiv:1705.10999). Reference code read (not copied): the authors' MATLAB
-liqi-casia/DSDH-HashingCode (``train.m``, ``update.m``, ``RRC.m``, ``setup.m``) and
+liqi-casia/DSDH-HashingCode (``train.m``, ``update.m``, ``RRC.m``, ``main.m``) and
 TreezzZ/DSDH_PyTorch (``dsdh.py``, ``models/dsdh_loss.py``, ``run.py``).
 
 Equation and subsection numbers: the paper's text could not be read from here, so they are not
@@ -70,7 +70,7 @@ float (K, C), the ridge solution for the initial ``B``. ``U``, ``B``, ``W`` are 
 (it comes from the data).
 
 Defaults: ``mu = 1``, ``nu = 0.1``, ``eta = 55``, ``dcc_iter = 10``. Source: the authors' code
-(``setup.m`` runs eta = 55; ``train.m`` solves W with ridge ``lambda = 0.1 = nu/mu`` and builds
+(``main.m``, formerly ``setup.m``, runs eta = 55; ``train.m`` solves W with ridge ``lambda = 0.1 = nu/mu`` and builds
 ``Q = eta * U0 + Y W^T``, i.e. ``P`` with ``mu = 1``, and runs at most 10 DCC sweeps with early
 stopping). The paper's experiments section could not be read here to cross-check them.
 TreezzZ/DSDH_PyTorch uses mu = 1e-2, nu = 1, eta = 1e-2 with losses averaged differently (element

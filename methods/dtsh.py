@@ -52,7 +52,9 @@ Hyperparameter defaults and their sources:
 
 * ``alpha_per_bit`` 0.5, i.e. the margin ``alpha = K/2``: the authors' ``DTSH.m`` passes
   ``codelens / 2`` as the margin (with ``Theta = 1/2 u.u``). DeepHash-pytorch uses ``alpha = 5``
-  with ``Theta = u.u`` (no 1/2), i.e. 2.5 on this scale, whatever K.
+  with ``u.u`` (no 1/2), whatever K: its argument is ``u_a.u_p - u_a.u_n - 5 =
+  2 (Theta_ap - Theta_an - 2.5)``, i.e. a margin of 2.5 on this scale with a sigmoid twice as
+  steep (it equals this module's ``triplet_loss`` of ``sqrt(2) u`` at ``alpha = 5``).
 * ``positives`` 50 and ``negatives`` 450: the authors sample, per anchor, M1 = 50 positives and,
   for each of CIFAR-10's 9 other classes, M2 = 50 negatives, all combined: 50 x 450 = 22,500
   triplets per anchor. With hundreds of identities a per-class quota does not fit, so the 450

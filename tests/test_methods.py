@@ -179,11 +179,12 @@ def test_checkpoint_through_evaluation_and_search(synthetic_root, tmp_path, name
                    "--device", "cpu", "--json", str(js))
     assert r.returncode == 0, r.stderr
     reported = json.loads(js.read_text())
-    model, _, config = evaluation.load_hashing_model(ck, torch.device("cpu"))
+    model, ckpt, config = evaluation.load_hashing_model(ck, torch.device("cpu"))
     assert config["method"] == name
+    encoder = evaluation.load_encoder(ckpt, config, ck, torch.device("cpu"))   # the method's encode step
     database, queries, _ = build_datasets("ddh", synthetic_root)
     loaders = make_loader(queries, 64), make_loader(database, 64)
-    expected = evaluate(model, *loaders, torch.device("cpu"))
+    expected = evaluate(model, *loaders, torch.device("cpu"), encoder=encoder)
     assert reported["map"] == pytest.approx(expected["map"], abs=1e-9)
     assert reported["precision_radius_2"] == pytest.approx(expected["precision_radius_2"], abs=1e-9)
 
@@ -195,5 +196,8 @@ def test_checkpoint_through_evaluation_and_search(synthetic_root, tmp_path, name
     index = faiss.read_index_binary(os.path.join(tmp_path / "ix", search.INDEX_FILE))
     packed = faiss.vector_to_array(index.xb).reshape(index.ntotal, -1)
     stored = np.unpackbits(packed, axis=1, bitorder="little").astype(np.float32)[:, :12] * 2 - 1
-    codes, _ = encode(model, loaders[1], torch.device("cpu"))
+    codes, _ = encode(model, loaders[1], torch.device("cpu"), encoder)
     np.testing.assert_array_equal(stored, codes.numpy())
+    if name == "classifier":   # its codes are codewords of classes, one code per class
+        words = {tuple(w) for w in ckpt["centers"]["codewords"].tolist()}
+        assert {tuple(c) for c in codes.tolist()} <= words

@@ -95,6 +95,7 @@ CONFIG_TYPES = {
     "optimizer": (str, "an optimizer name"),
     "recipe": (dict, "a dict (optimizer, lr, epochs, patience, ...)"),
     "label_map": (list, "a list of identities"),
+    "unseen_identities": (list, "a list of identities (those held out of training)"),
 }
 """Types of the ``config`` entries the scripts read; a file that breaks them is refused in one line."""
 

@@ -53,6 +53,7 @@ __all__ = [
     "pr_curve_over_radii",
     "retrieval_metrics",
     "default_curve_ranks",
+    "chance_map",
 ]
 
 
@@ -250,6 +251,33 @@ def pr_curve_over_radii(query_codes, database_codes, query_labels, database_labe
     r = _evaluate(query_codes, database_codes, query_labels, database_labels, need_ranks=False,
                   chunk_size=chunk_size)
     return _radius_curve(r)
+
+
+def chance_map(query_labels, database_labels) -> float:
+    """Chance level: the expected mAP of a uniformly random ranking of the database.
+
+    For a query with R relevant items among N the expected AP is
+    ``H_N / N + (R - 1) / (N - 1) * (1 - H_N / N)`` (H_N the N-th harmonic number): the sum over
+    ranks k of P(rel_k) E[precision@k | rel_k] / R. Slightly above R / N, the share of the query's
+    identity; a query whose identity is absent from the database counts 0 (as in mAP).
+
+    Args: query_labels (Q,), database_labels (N,): integer labels (tensors, arrays or lists).
+    Returns: float, the mean over queries. Raises: ValueError for empty inputs.
+    """
+    q = np.asarray(as_tensor(query_labels, "query_labels").cpu()).reshape(-1)
+    db = np.asarray(as_tensor(database_labels, "database_labels").cpu()).reshape(-1)
+    if q.size == 0 or db.size == 0:
+        raise ValueError(f"chance_map needs queries and a database, got {q.size} and {db.size} labels")
+    n = db.size
+    ids, counts = np.unique(db, return_counts=True)
+    r = np.zeros(q.size)
+    pos = np.searchsorted(ids, q).clip(max=ids.size - 1)
+    found = ids[pos] == q
+    r[found] = counts[pos[found]]
+    h_n = float(np.sum(1.0 / np.arange(1, n + 1)))
+    slope = (r - 1) / (n - 1) if n > 1 else np.zeros_like(r)
+    ap = np.where(r > 0, h_n / n + slope * (1 - h_n / n), 0.0)
+    return float(ap.mean())
 
 
 def retrieval_metrics(query_codes, database_codes, query_labels, database_labels, topk=(1, 5, 10),
