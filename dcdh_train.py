@@ -28,7 +28,8 @@ from engine.state import carry_best_model, epoch_state, find_resume, output_path
 from methods import METHODS, build_method, method_class, parse_method_args
 from models import BACKBONES, DEFAULT_IMAGE_SIZE, TWO_BRANCH_BACKBONES, build_model, check_image_size, check_pretrained
 from utils.checkpoint import DEFAULT_DIR, save_checkpoint
-from utils.device import AMP_CHOICES, COMPILE_MODES, choose_precision, compile_model, cpu_capability, resolve_device
+from utils.device import (AMP_CHOICES, COMPILE_MODES, choose_precision, compile_model, cpu_capability, cpu_model,
+                          resolve_device)
 from utils.distributed import all_reduce_sum_, barrier, cleanup, init_distributed
 from utils.errors import OneLineArgumentParser, UserInputError, check_flag, exit_on_user_error
 from utils.log import setup_logger
@@ -333,7 +334,7 @@ def _train(args, hparams, dist_info):
               "recipe": recipe, "lr": recipe["lr"], "bs": args.bs, "epochs": epochs,
               "optimizer": recipe["optimizer"], "seed": args.seed, "amp": amp, "precision": precision,
               "compile": args.compile, "world_size": world, "device_type": device.type,
-              "cpu_capability": cpu_capability(),
+              "cpu_capability": cpu_capability(), "cpu_model": cpu_model(), "threads": torch.get_num_threads(),
               "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     config.update({k: v for k, v in method.hparams.items() if k in AUTHORS_METHOD_FLAGS})
 

@@ -470,6 +470,9 @@ def format_results(queries, radius=None):
 
 
 def _check_out_file(flag, path):
+    """Refuse, in one line, an output file whose folder is missing or that is a folder itself."""
+    if path and os.path.isdir(path):
+        raise UserInputError(f"{flag} {path}: is a folder; name a file")
     if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise UserInputError(f"{flag} {path}: the folder does not exist")
 

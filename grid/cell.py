@@ -173,7 +173,10 @@ def provenance(spec, config, out_dir):
     precision = config.get("precision") or (None if amp is None else ("bf16" if amp else "fp32"))
     script = relative_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                         "dcdh_train.py"), out_dir)
-    return {"precision": precision, "threads": torch.get_num_threads(), "cpu_model": machine["cpu_model"],
+    # the training run's own record (dcdh_train.py's config) first: the machine and threads that
+    # trained; this process's (it evaluates) for checkpoints from before those entries
+    return {"precision": precision, "threads": config.get("threads") or torch.get_num_threads(),
+            "cpu_model": config.get("cpu_model") or machine["cpu_model"],
             "cpu_capability": config.get("cpu_capability") or machine["cpu_capability"],
             "gpu_name": config.get("gpu_name", machine["gpu_name"]),
             "train_command": f"python {script} " + shlex.join(portable_flags(spec["train_flags"], out_dir)),

@@ -70,11 +70,11 @@ def read_log(log_path):
                     last = t
                 e = EPOCH_LINE.search(line)
                 if e:
-                    done = int(e.group(1))
-                    try:
-                        speed = float(e.group(3))
+                    try:  # a line that does not parse (an absurd number) is skipped, never fatal
+                        epoch, speed = int(e.group(1)), float(e.group(3))
                     except ValueError:
                         continue
+                    done = epoch
                     if 0 < speed < float("inf"):
                         speeds.append(speed)
     except OSError:
@@ -151,9 +151,15 @@ def _read_record(cell):
     try:
         with open(cell.path("metrics.json")) as f:
             record = json.load(f)
-        return record if isinstance(record, dict) else None
     except (OSError, ValueError):
         return None
+    if not isinstance(record, dict):
+        return None
+    precision, threads = record.get("precision"), record.get("threads")
+    if not (precision is None or isinstance(precision, str)) or \
+            not (threads is None or (isinstance(threads, int) and not isinstance(threads, bool))):
+        return None  # a hand-edited record: its speeds are not used
+    return record
 
 
 def measured(exp):
@@ -239,15 +245,29 @@ def time_batches(backbone, image_size, bits, bs, precision, threads, dev):
         torch.set_num_threads(before)
 
 
+def _time_batches_apart(args, timeout=120):
+    """``time_batches(*args)`` in a child process; its result, or None when it fails."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from grid.estimate import time_batches; "
+            "print(json.dumps(time_batches(*json.loads(sys.argv[2]))))")
+    r = subprocess.run([sys.executable, "-c", code, root, json.dumps(list(args))], capture_output=True,
+                       text=True, timeout=timeout)
+    return tuple(json.loads(r.stdout.strip().splitlines()[-1])) if r.returncode == 0 and r.stdout.strip() else None
+
+
 def timed_speed(cell, dev, precision):
     """(images/s or None, source) of ``cell``'s network timed here (``time_batches``), once per
     (network, image size, batch, precision, threads) in this process."""
     batch = cell.bs if dev == "cuda" else min(cell.bs, CPU_TIMING_BATCH)
     key = (dev, cell.backbone, cell.image_size, batch, precision, cell.threads)
     if key not in _TIMED:
+        args = (cell.backbone, cell.image_size, cell.bits, cell.bs, precision, cell.threads, dev)
         try:
-            _TIMED[key] = time_batches(cell.backbone, cell.image_size, cell.bits, cell.bs, precision,
-                                       cell.threads, dev)
+            # on a GPU in a process of its own: the runner must not keep a CUDA context and cached
+            # memory for the whole grid (the cells' memory checks, exclusive-process GPUs)
+            _TIMED[key] = time_batches(*args) if dev != "cuda" else _time_batches_apart(args)
         except Exception:  # an estimate must never stop the grid: the run reports real errors
             _TIMED[key] = None
     timed = _TIMED[key]

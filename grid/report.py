@@ -100,6 +100,9 @@ def metrics_problem(m, cell):
     for key, value in metrics.items():
         if not (_is_number(value) or (key not in REQUIRED_METRICS and (value is None or isinstance(value, dict)))):
             return f"metrics '{key}' is {value!r:.40}, expected a number"
+    for key in REQUIRED_METRICS:  # fractions: a NaN or a 5.0 would print as a figure in the tables
+        if not 0.0 <= metrics[key] <= 1.0:
+            return f"metrics '{key}' is {metrics[key]!r:.40}, expected a fraction in [0, 1]"
     curves = m.get("curves")
     if not isinstance(curves, dict):
         return "no 'curves' object" if curves is None else f"'curves' is {_json_type(curves)}, expected an object"
@@ -199,7 +202,7 @@ def summarize(exp, finished, key):
     """{(method, bits): (mean, std or None, n seeds)} of metric ``key`` in %."""
     values = {}
     for cell, m in finished:
-        if key in m["metrics"]:
+        if _is_number(m["metrics"].get(key)):  # an optional metric may be null or absent
             values.setdefault((cell.method, cell.bits), []).append(100 * m["metrics"][key])
     return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None, len(v))
             for k, v in values.items()}
@@ -235,7 +238,7 @@ def _chance_row(exp, finished, key):
     finished cells of each code length, in %: it depends on the data split only), or None."""
     values = {}
     for cell, m in finished:
-        if CHANCE.get(key) in m["metrics"]:
+        if CHANCE.get(key) and _is_number(m["metrics"].get(CHANCE[key])):
             values.setdefault(cell.bits, []).append(100 * m["metrics"][CHANCE[key]])
     if not values:
         return None

@@ -122,7 +122,8 @@ def cell_spec(exp, cell):
 
 
 MACHINE_SETTINGS = ("amp",)
-"""Settings that do not identify a cell's progress (``settings_conflict`` ignores them)."""
+"""Settings left to the machine when one side says ``auto``: ``settings_conflict`` accepts a cell
+started with ``amp = "on"`` under ``"auto"`` (and back), but refuses ``"on"`` against ``"off"``."""
 
 
 def settings_conflict(cell, state):
@@ -142,10 +143,11 @@ def settings_conflict(cell, state):
         return (f"{cell.dir}: this cell has progress but its cell.json cannot be read, so its settings are "
                 "unknown; delete the folder to start it again")
     new = json.loads(json.dumps(cell.settings))
-    # the precision (--amp auto/on/off) is a choice of the machine: auto is bf16 on one CPU and fp32 on
-    # another, and each cell records the precision it actually used (metrics.json, results.csv), so
-    # changing it never invalidates progress (dcdh_train.py --resume accepts another --amp too)
-    old, new = ({k: v for k, v in s.items() if k not in MACHINE_SETTINGS} for s in (old, new))
+    # the precision (--amp auto/on/off) under auto is a choice of the machine: bf16 on one CPU and fp32
+    # on another; each cell records the precision(s) it actually used (metrics.json, results.csv:
+    # "bf16+fp32" for a cell resumed in another precision), so a change to or from auto keeps progress
+    machine = [k for k in MACHINE_SETTINGS if "auto" in (old.get(k, "auto"), new.get(k, "auto"))]
+    old, new = ({k: v for k, v in s.items() if k not in machine} for s in (old, new))
     if old == new:
         return None
     diff = ", ".join(f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
@@ -304,6 +306,8 @@ class Runner:
             metrics, problem = report.check_metrics(cell)
             if metrics is not None:
                 return cell, "finished-before", 0.0, ""
+            if problem and problem.startswith("cannot be read"):  # permissions, I/O: not the file's fault
+                return cell, "failed", 0.0, f"{cell.path('metrics.json')}: {problem}"
             if problem:  # not a finished cell's record: kept under another name, the cell runs again
                 try:
                     kept = set_aside(cell.path("metrics.json"), "bad")
@@ -340,8 +344,11 @@ class Runner:
             seconds = time.time() - start
             with self._lock:
                 self.active.discard(cell.name)
-            if rc == 0 and os.path.isfile(cell.path("metrics.json")):
-                return cell, "finished", seconds, ""
+            if rc == 0:  # finished only with a finished cell's record, as everywhere else (check_metrics)
+                metrics, problem = report.check_metrics(cell)
+                if metrics is not None:
+                    return cell, "finished", seconds, ""
+                return cell, "failed", seconds, f"{cell.path('metrics.json')}: {problem or 'not written'}"
             return cell, "failed", seconds, f"exit status {rc}: {last_line(cell.path('cell.out'))}"
         finally:
             os.close(fd)

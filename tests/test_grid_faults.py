@@ -262,6 +262,8 @@ WRONG_SHAPES = {
     "null": (lambda m: None, "expected a JSON object, got null"),
     "map-string": (lambda m: _replace(m, metrics__map="abc"), "metrics 'map' is 'abc', expected a number"),
     "map-missing": (lambda m: _replace(m, metrics__map=KeyError), "no 'map' in 'metrics'"),
+    "map-nan": (lambda m: _replace(m, metrics__map=float("nan")), "metrics 'map' is nan, expected a fraction in [0, 1]"),
+    "map-above-1": (lambda m: _replace(m, metrics__map=5.0), "metrics 'map' is 5.0, expected a fraction in [0, 1]"),
     "no-curves": (lambda m: _replace(m, curves=KeyError), "no 'curves' object"),
     "curve-lengths": (lambda m: _replace(m, curves__pr_over_radius__precision=[0.5]),
                       "curves 'pr_over_radius': radius, precision, recall differ in length"),

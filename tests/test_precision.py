@@ -138,7 +138,14 @@ def test_another_precision_never_invalidates_a_cells_progress(tmp_path):
         return types.SimpleNamespace(dir=str(tmp_path), settings=dict(old, **change),
                                      path=lambda *p: os.path.join(tmp_path, *p))
     assert settings_conflict(cell(amp="auto"), "finished") is None
-    assert settings_conflict(cell(amp="off"), "partial") is None
+    del old["amp"]  # a cell.json without the key: auto
+    with open(tmp_path / "cell.json", "w") as f:
+        json.dump({"settings": old}, f)
+    assert settings_conflict(cell(amp="on"), "partial") is None
+    old["amp"] = "on"
+    with open(tmp_path / "cell.json", "w") as f:
+        json.dump({"settings": old}, f)
+    assert "amp 'on' -> 'off'" in settings_conflict(cell(amp="off"), "partial")  # forced both ways: refused
     message = settings_conflict(cell(amp="auto", epochs=30), "partial")
     assert "epochs 28 -> 30" in message and "amp" not in message
 

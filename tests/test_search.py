@@ -270,6 +270,9 @@ def test_bad_inputs_exit_2_with_one_line(tiny, tmp_path, capsys):
     assert "--gallery" in cli_error(capsys, "index", "--load", tiny["ck12"], "--gallery", str(tmp_path / "g"),
                                     "--out", str(tmp_path / "o"))
     assert "--json" in cli_error(capsys, "query", "--index", ix, q, "--json", str(tmp_path / "no" / "r.json"))
+    for flag in ("--json", "--sheet"):  # an existing folder as the output file
+        assert f"{flag} {tmp_path}: is a folder; name a file" in cli_error(capsys, "query", "--index", ix, q,
+                                                                           flag, str(tmp_path))
     stale = tmp_path / "stale"
     stale.mkdir()
     for name in ("index.bin", "meta.json"):
