@@ -39,3 +39,40 @@ def synthetic_root(tmp_path_factory):
     from data.synthetic import write_synthetic_ddh
     return write_synthetic_ddh(str(tmp_path_factory.mktemp("synthetic")), identities=8,
                                train_per_id=16, test_per_id=4, seed=1)
+
+
+def reproduce_in_process(capsys, *argv):
+    """reproduce.py in this process: (exit status, stdout, stderr)."""
+    import reproduce
+    capsys.readouterr()
+    try:
+        code = reproduce.main(reproduce.get_args_parser().parse_args([str(a) for a in argv]))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_refusal(code, err, *needles):
+    """A reproduce.py refusal: exit 2, one ``reproduce.py: error:`` line holding every needle."""
+    assert code == 2, err
+    assert err.startswith("reproduce.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def search_cli(*argv):
+    """search.py's main in this process (arguments as str); returns what it returns."""
+    import search
+    return search.main(search.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def search_cli_error(capsys, *argv):
+    """Run search.main in-process, expect exit 2 and return the one-line message."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        search_cli(*argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("search.py: error: ") and "\n" not in err and "Traceback" not in err
+    return err

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import search
+from conftest import search_cli as cli, search_cli_error as cli_error
 from data.folder import FaceFolder, load_rgb
 from data.gallery_images import GalleryImages
 from methods.dcdh import DCDH
@@ -45,21 +46,6 @@ def save_tiny_checkpoint(path, bits=12, seed=0):
 def write_image(path, rng, size=40):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(path)
-
-
-def cli(*argv):
-    return search.main(search.get_args_parser().parse_args([str(a) for a in argv]))
-
-
-def cli_error(capsys, *argv):
-    """Run search.main in-process, expect exit 2 and return the one-line message."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli(*argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("search.py: error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 @pytest.fixture(scope="module")

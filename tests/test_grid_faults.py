@@ -26,6 +26,7 @@ from grid.report import bad_metrics_line, check_metrics
 from grid.runner import Runner, cell_spec, status
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import UserInputError
+from conftest import reproduce_in_process as _reproduce
 
 TINY = """
 dataset = "{dataset}"
@@ -54,18 +55,6 @@ def _experiment(folder, root, dataset="ddh"):
     path = folder / "exp.toml"
     path.write_text(TINY.format(dataset=dataset, root=root))
     return path
-
-
-def _reproduce(capsys, *argv):
-    """reproduce.py in this process: (exit status, stdout, stderr)."""
-    import reproduce
-    capsys.readouterr()
-    try:
-        code = reproduce.main(reproduce.get_args_parser().parse_args([str(a) for a in argv]))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 class _InProcessCell:

@@ -18,6 +18,7 @@ import shlex
 import pytest
 
 from conftest import ROOT, run_script
+from conftest import reproduce_in_process as _reproduce, assert_one_line_refusal as _one_line
 from grid import estimate
 from grid.config import default_jobs, load_experiment, portable_flags, portable_spec, relative_path, resolve_flags
 from grid.report import write_report
@@ -44,25 +45,6 @@ def _exp_file(tmp_path, root, train="", top=""):
     path = tmp_path / "tiny.toml"
     path.write_text(top + TINY.format(root=root, train=train))
     return path
-
-
-def _reproduce(capsys, *argv):
-    """reproduce.py in this process: (exit status, stdout, stderr)."""
-    import reproduce
-    capsys.readouterr()
-    try:
-        code = reproduce.main(reproduce.get_args_parser().parse_args([str(a) for a in argv]))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _one_line(code, err, *needles):
-    assert code == 2, err
-    assert err.startswith("reproduce.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
 
 
 @pytest.fixture

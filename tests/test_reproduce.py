@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import ROOT, run_script
+from conftest import reproduce_in_process as _reproduce, assert_one_line_refusal as _one_line
 from grid.config import load_experiment, parse_shard, select_shard
 from grid.report import MEASURED, write_report
 from grid.runner import check_settings
@@ -236,25 +237,6 @@ def test_tables_show_mean_and_deviation_over_seeds(synthetic_root, tmp_path):
     assert "| CSQ | **50.00 ± 0.00** | — |" in table
     assert r"\textbf{50.00 $\pm$ 0.00}" in (out / "table_map.tex").read_text()
     assert len(_rows(out / "results.csv")) == 3 + 3 + 2
-
-
-def _reproduce(capsys, *argv):
-    """reproduce.py in this process: (exit status, stdout, stderr)."""
-    import reproduce
-    capsys.readouterr()
-    try:
-        code = reproduce.main(reproduce.get_args_parser().parse_args([str(a) for a in argv]))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _one_line(code, err, *needles):
-    assert code == 2, err
-    assert err.startswith("reproduce.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
 
 
 SETUP_REFUSED = [

@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import CELEBA_DDH, FIXTURES, needs_celeba_ddh, needs_fixtures, run_script
 import search
+from conftest import search_cli as cli, search_cli_error as cli_error
 from utils import binary_index
 from methods.dcdh import DCDH
 from models import build_model
@@ -157,21 +158,6 @@ def tiny(tmp_path_factory):
     meta = cli("index", "--load", ck12, "--gallery", str(gallery), "--out", str(out), "--device", "cpu",
                "--workers", "0", "--bs", "5")
     return dict(root=root, gallery=gallery, ck12=ck12, ck48=ck48, index=str(out), meta=meta)
-
-
-def cli(*argv):
-    return search.main(search.get_args_parser().parse_args(list(argv)))
-
-
-def cli_error(capsys, *argv):
-    """Run search.main in-process, expect exit 2 and return the one-line message."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli(*argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("search.py: error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 def stored_codes(index_dir):
