@@ -101,6 +101,27 @@ def count_train_images(dataset, root):
         return None
 
 
+def count_trained_images(exp):
+    """Images each seed's cells train on when ``exp`` holds identities out (``unseen_identities``):
+    the training split less the held-out identities' images, drawn from each seed as dcdh_train.py
+    draws them (``data.unseen.choose_unseen``). Returns {seed: int}; {} when nothing is held out or
+    the data cannot be read (the estimate then counts the whole training split)."""
+    if not exp.unseen_identities:
+        return {}
+    try:
+        from data import build_datasets
+        from data.unseen import _ids, choose_unseen
+        database, queries, _ = build_datasets(exp.dataset, exp.data_root)
+        ids = _ids(database)
+        counts = {}
+        for seed in exp.seeds:
+            unseen = set(choose_unseen(database, queries, exp.unseen_identities, seed))
+            counts[seed] = sum(1 for k in ids if k not in unseen)
+        return counts
+    except Exception:  # an estimate must never stop the grid: the run reports data errors itself
+        return {}
+
+
 def this_machine(dev):
     """``utils.device.machine_info`` of device type ``dev`` here, or None when this machine lacks it
     (a CUDA experiment planned on a machine without a GPU)."""

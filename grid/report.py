@@ -19,6 +19,7 @@ import io
 import json
 import os
 import statistics
+import textwrap
 
 from utils.checkpoint import atomic_write
 
@@ -288,15 +289,25 @@ def latex_table(exp, finished, key, title):
     return "\n".join(lines) + "\n"
 
 
-def _figure(path, draw, title):
+TITLE_WIDTH = 72
+"""Characters per title line of a figure: longer lines are wrapped (a 6-inch figure at 10 pt)."""
+
+
+def wrap_title(title, width=TITLE_WIDTH):
+    """``title`` with each of its lines wrapped at ``width`` characters, so that none is wider
+    than the figure (matplotlib does not wrap, and centres a long line past both edges)."""
+    return "\n".join(textwrap.fill(line, width, break_on_hyphens=False) or line for line in title.split("\n"))
+
+
+def _figure(path, draw, title, legend_columns=1):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4.5))
     draw(ax)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(wrap_title(title), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8 if legend_columns == 1 else 7, ncol=legend_columns)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
@@ -348,8 +359,8 @@ def figure_protocols_vs_bits(exp, finished, path):
         ax.set(xlabel="code length (bits)", ylabel="mAP", xticks=exp.bits, ylim=(0, 1.02))
     held = (f"{exp.unseen_identities} identities held out of training" if exp.unseen_identities
             else "held-out identities")
-    _figure(path, draw, f"mAP, trained and unseen identities ({held}) — {data_label(exp)}\n"
-            f"experiment {exp.name}, {_seeds_text(n)}")
+    _figure(path, draw, f"mAP, trained and unseen identities — {data_label(exp)}\n"
+            f"{held}; experiment {exp.name}, {_seeds_text(n)}", legend_columns=2 if len(exp.methods) > 3 else 1)
 
 
 def _mean_curves(finished, method, bits, curve, xkey):

@@ -443,6 +443,7 @@ def plan(exp, cells, jobs=1, shard=None):
     Returns: (list of lines, {cell name: seconds or None}).
     """
     n_images = exp.train_images or estimate.count_train_images(exp.dataset, exp.data_root)
+    trained = estimate.count_trained_images(exp)  # {seed: images} when identities are held out
     speeds, dev = estimate.measured(exp), estimate.device_type(exp)
     grid = (f"{len(exp.methods)} method(s) x {len(exp.bits)} code length(s) x {len(exp.seeds)} seed(s) "
             f"= {len(exp.cells)} cells")
@@ -450,6 +451,8 @@ def plan(exp, cells, jobs=1, shard=None):
              + f" -> {display(exp.out_dir)}",
              f"data: {exp.dataset} in {exp.data_root}, "
              + (f"{n_images:,} training images" if n_images else "training images not counted")
+             + (f" ({', '.join(f'{n:,}' for n in sorted(set(trained.values())))} once the "
+                f"{exp.unseen_identities} held-out identities are left out)" if trained else "")
              + f"; device {exp.device or dev}",
              f"{'cell':<22} {'status':<22} {'epochs':>6}  {'images/s':<24} estimate"]
     estimates, total, unknown, counts = {}, 0.0, 0, {}
@@ -462,7 +465,7 @@ def plan(exp, cells, jobs=1, shard=None):
         if state == "finished":
             seconds = 0.0
         else:
-            seconds, _ = estimate.cell_estimate(cell, n_images, speeds, dev, done)
+            seconds, _ = estimate.cell_estimate(cell, trained.get(cell.seed, n_images), speeds, dev, done)
             estimates[cell.name] = seconds
             if state != "running":
                 total, unknown = (total + seconds, unknown) if seconds is not None else (total, unknown + 1)

@@ -112,3 +112,43 @@ def test_one_cell_end_to_end(synthetic_root, tmp_path, capsys):
     with open(tmp_path / "one" / "results.csv", newline="") as f:
         row = next(csv.DictReader(f))
     assert float(row["map_unseen"]) == m["map_unseen"] and row["real_map"] != ""
+
+
+def test_long_figure_titles_are_wrapped_inside_the_figure():
+    """The protocols figure's title once ran past both edges of the figure (matplotlib centres a
+    long line without wrapping): every title line is now wrapped to fit a 6-inch figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from grid.report import TITLE_WIDTH, wrap_title
+    title = ("mAP, trained and unseen identities — celeba299-ddh32-with-a-longer-folder-name (ddh)\n"
+             "60 identities held out of training; experiment celeba299_unseen_cpu_second_try, mean of 3 seeds")
+    wrapped = wrap_title(title)
+    assert wrapped.split() == title.split()                     # same words, in order
+    assert max(len(line) for line in wrapped.split("\n")) <= TITLE_WIDTH < max(len(line) for line in title.split("\n"))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    text = ax.set_title(wrapped, fontsize=10)
+    fig.tight_layout()
+    box = text.get_window_extent(fig.canvas.get_renderer())
+    plt.close(fig)
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width
+
+
+
+def test_estimate_counts_only_the_trained_identities_images(synthetic_root, tmp_path, monkeypatch):
+    """8 identities x 16 training images; 3 held out leave 5 x 16 = 80 to train on (the trainer's
+    own count: test_one_cell_end_to_end's num_database), and a cell's estimate is made from 80, not 128."""
+    from grid import estimate
+    from grid.runner import plan
+    monkeypatch.setattr(estimate, "measured", lambda exp: {})
+    monkeypatch.setattr(estimate, "cell_speed", lambda cell, speeds, dev: (10.0, "test"))
+    exp = load_experiment(_exp(tmp_path, synthetic_root), out=str(tmp_path), machine=False)
+    assert estimate.count_trained_images(exp) == {0: 80}
+    lines, estimates = plan(exp, exp.cells)
+    assert "128 training images (80 once the 3 held-out identities are left out)" in lines[1]
+    assert estimates == {c.name: 80 * 1 / 10.0 + estimate.OVERHEAD_S for c in exp.cells}   # 1 epoch
+    exp.unseen_identities = 0
+    assert estimate.count_trained_images(exp) == {}
+    lines, estimates = plan(exp, exp.cells)
+    assert "128 training images;" in lines[1]
+    assert estimates == {c.name: 128 * 1 / 10.0 + estimate.OVERHEAD_S for c in exp.cells}
