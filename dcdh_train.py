@@ -79,9 +79,9 @@ def get_args_parser(add_help=True):
                    "the method's recipe says; another optimizer than the method's drops its whole recipe "
                    "but the epochs and patience")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                   help="bfloat16 autocast for the network (auto, the default: bf16 with CUDA and on CPUs "
-                   "with native bf16 (AMX or AVX512-BF16), fp32 on other CPUs such as AVX2-only ones, where "
-                   "bf16 is emulated and several times slower; on: bf16 everywhere; off: fp32)")
+                   help="bfloat16 autocast for the network (auto, the default: bf16 on GPUs of compute "
+                   "capability 8.0 or newer and on CPUs with native bf16 (AMX or AVX512-BF16), fp32 elsewhere, "
+                   "e.g. AVX2-only CPUs or older GPUs, where bf16 is emulated and slower; on: bf16 everywhere; off: fp32)")
     p.add_argument("--compile", default="off", choices=COMPILE_MODES,
                    help="torch.compile the network for training: a torch.compile mode "
                    "(reduce-overhead adds CUDA graphs on a GPU) or off (default); compiling takes "

@@ -1,7 +1,7 @@
-"""Precision per machine (issue 21): ``--amp auto`` is bf16 on CUDA and on CPUs with native bf16
-(AMX or AVX512-BF16), fp32 elsewhere; ``--amp on`` on a CPU without it runs bf16 with a note.
+"""Precision per machine (issue 21): ``--amp auto`` is bf16 on GPUs of compute capability 8.0 or
+newer and on CPUs with native bf16 (AMX or AVX512-BF16), fp32 elsewhere; ``--amp on`` on a CPU without it runs bf16 with a note.
 
-The CPU's capability is mocked, so every case runs on any machine."""
+The CPU's and the GPU's capabilities are mocked, so every case runs on any machine."""
 import os
 
 import pytest
@@ -44,14 +44,41 @@ def test_cpu_precision_follows_the_capability(cpu_kind, capability, amx, avx512_
         assert note is None
 
 
-def test_cuda_auto_is_bf16_whatever_the_cpu(cpu_kind):
+@pytest.fixture
+def gpu_kind(monkeypatch):
+    """Set what torch reports of the GPU: ``gpu_kind(name, (major, minor))``."""
+    def set_kind(name, capability):
+        props = type("Props", (), {"major": capability[0], "minor": capability[1], "name": name})()
+        monkeypatch.setattr(torch.version, "hip", None)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return set_kind
+
+
+@pytest.mark.parametrize("name,capability", [("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA H100 80GB HBM3", (9, 0))])
+def test_cuda_auto_is_bf16_on_ampere_and_newer_whatever_the_cpu(cpu_kind, gpu_kind, name, capability):
     cpu_kind("AVX2")
+    gpu_kind(name, capability)
     assert choose_precision("auto", CUDA) == (True, "bf16", None)
     assert choose_precision("on", CUDA) == (True, "bf16", None)
     assert choose_precision("off", CUDA) == (False, "fp32", None)
 
 
-def test_a_method_without_autocast_gets_fp32(cpu_kind):
+@pytest.mark.parametrize("name,capability", [("Tesla V100-SXM2-16GB", (7, 0)), ("Tesla T4", (7, 5))])
+def test_cuda_auto_is_fp32_before_ampere(cpu_kind, gpu_kind, name, capability):
+    """bf16 is emulated on GPUs older than compute capability 8.0: auto keeps fp32, on says why it is slow."""
+    cpu_kind("AVX512", amx=True)  # the CPU's bf16 has no say on a GPU
+    gpu_kind(name, capability)
+    assert choose_precision("auto", CUDA) == (False, "fp32", None)
+    amp, precision, note = choose_precision("on", CUDA)
+    assert (amp, precision) == (True, "bf16")
+    assert note.startswith("[note] --amp on: this GPU (" + name) and f"{capability[0]}.{capability[1]}" in note
+    assert "emulated" in note
+
+
+def test_a_method_without_autocast_gets_fp32(cpu_kind, gpu_kind):
+    gpu_kind("NVIDIA H100 80GB HBM3", (9, 0))
     cpu_kind("AVX512", amx=True)
     assert choose_precision("auto", CPU, method_allows_amp=False) == (False, "fp32", None)
     assert choose_precision("auto", CUDA, method_allows_amp=False) == (False, "fp32", None)

@@ -110,12 +110,24 @@ def cpu_has_native_bf16():
     return cpu_has_amx() or cpu_has_avx512_bf16()
 
 
+def gpu_has_native_bf16(device):
+    """Whether the CUDA ``device`` computes bf16 natively: compute capability 8.0 or newer (Ampere,
+    Hopper, ...; on older GPUs bf16 is emulated and slower than fp32), or any ROCm GPU.
+
+    Args: device: torch.device of type ``cuda``.
+    Returns: bool. Raises: RuntimeError / AssertionError from torch for a device this machine lacks.
+    """
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
+
+
 def choose_precision(amp_flag, device, method_allows_amp=True):
     """The training precision for ``--amp`` on ``device``.
 
-    ``auto``: bf16 autocast on CUDA and on CPUs with native bf16 (``cpu_has_native_bf16``), fp32
-    elsewhere; ``on``: bf16 wherever asked (on a CPU without native bf16 with a note that it is
-    emulated and slow); ``off``: fp32. A method that does not support autocast
+    ``auto``: bf16 autocast on GPUs and CPUs with native bf16 (``gpu_has_native_bf16``,
+    ``cpu_has_native_bf16``), fp32 elsewhere; ``on``: bf16 wherever asked (on a device without
+    native bf16 with a note that it is emulated and slow); ``off``: fp32. A method that does not support autocast
     (``method_allows_amp`` False) always gets fp32 (``--amp on`` is refused before this).
 
     Args: amp_flag: str, one of ``AMP_CHOICES``; device: torch.device.
@@ -124,10 +136,16 @@ def choose_precision(amp_flag, device, method_allows_amp=True):
     """
     if amp_flag not in AMP_CHOICES:
         raise ValueError(f"--amp {amp_flag!r}: expected one of {', '.join(AMP_CHOICES)}")
-    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    native = ((device.type == "cuda" and gpu_has_native_bf16(device))
+              or (device.type == "cpu" and cpu_has_native_bf16()))
     amp = method_allows_amp and (amp_flag == "on" or (amp_flag == "auto" and native))
     note = None
-    if amp and not native:
+    if amp and not native and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        note = (f"[note] --amp on: this GPU ({torch.cuda.get_device_name(device)}, compute capability "
+                f"{major}.{minor}) has no native bf16 (it needs 8.0 or newer), so bf16 is emulated there and "
+                "slower than fp32; --amp auto picks fp32 here")
+    elif amp and not native:
         note = (f"[note] --amp on: this CPU has no native bf16 (torch reports capability "
                 f"{cpu_capability()}, no AMX or AVX512-BF16), so bf16 is emulated there and several times "
                 "slower than fp32 (about 7x for DFHNet on an AVX2 AMD EPYC); --amp auto picks fp32 here")
