@@ -211,6 +211,10 @@ def run(cell_dir, code_version):
         finished, state = True, load_checkpoint(best)  # e.g. an unusable metrics.json set aside: evaluate again
     if not finished:
         resume = os.path.isfile(last) or os.path.isfile(best)
+        if not resume and read_log(log)[1]:  # epochs logged, no checkpoint left: a fresh log for a fresh run
+            kept = set_aside(log, "old")
+            print(f"[cell] {spec['cell']}: no checkpoint is left of the epochs model.log records; the log is "
+                  f"kept as {os.path.basename(kept)} and the cell trains from scratch", flush=True)
         flags = spec["train_flags"] + (["--resume"] if resume else [])
         print(f"[cell] {spec['cell']}: {'resuming' if resume else 'training'}: python dcdh_train.py "
               + shlex.join(flags), flush=True)

@@ -102,14 +102,16 @@ def status(cell, check_lock=True):
 
     ``check_lock`` False: the caller holds the lock (a second flock would see it as taken).
     A cell is finished when its ``metrics.json`` is a finished cell's record
-    (``report.check_metrics``); with an unusable one it is partial (or todo)."""
+    (``report.check_metrics``); with an unusable one it is partial (or todo). Progress is a
+    checkpoint: a cell whose log counts epochs but whose checkpoints are gone is todo (it trains
+    from scratch, ``grid.cell.run``)."""
     if report.read_metrics(cell) is not None:
         return "finished", cell.epochs
     if check_lock and os.path.isfile(cell.path(".lock")) and locked_elsewhere(cell):
         return "running", estimate.read_log(cell.path("model.log"))[1]
-    done = estimate.read_log(cell.path("model.log"))[1]
-    started = done or os.path.isfile(cell.path("model.last.tar")) or os.path.isfile(cell.path("model.tar"))
-    return ("partial" if started else "todo"), done
+    if not (os.path.isfile(cell.path("model.last.tar")) or os.path.isfile(cell.path("model.tar"))):
+        return "todo", 0
+    return "partial", estimate.read_log(cell.path("model.log"))[1]
 
 
 def cell_spec(exp, cell):
@@ -331,6 +333,9 @@ class Runner:
                     self.resumed.add(cell.name)
             what = (f"resuming after epoch {done}/{cell.epochs}" if state == "partial"
                     else f"{cell.epochs} epoch{'s' if cell.epochs != 1 else ''}")
+            logged = estimate.read_log(cell.path("model.log"))[1] if state == "todo" else 0
+            if logged:
+                what += f", from scratch: no checkpoint is left of the {logged} epoch(s) its model.log records"
             self.say(f"{self.progress()} start {cell.name} ({what}); output in {display(cell.path('cell.out'))}")
             start = time.time()
             with open(cell.path("cell.out"), "ab") as out:

@@ -23,7 +23,8 @@ import grid.cell
 import grid.runner
 from grid.config import load_experiment
 from grid.report import bad_metrics_line, check_metrics
-from grid.runner import Runner, cell_spec, status
+from grid import estimate
+from grid.runner import Runner, cell_spec, display, status
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import UserInputError
 from conftest import reproduce_in_process as _reproduce
@@ -400,6 +401,29 @@ def test_missing_best_checkpoint_after_training_trains_the_cell_again(trained, s
     for key in ("metrics", "epochs_run", "best_epoch", "best_loss"):
         assert m[key] == trained[1][key], key
     assert open(cell.path("model.log")).read().count("[config] dataset") == 1  # a fresh log
+
+
+def test_no_checkpoint_left_trains_from_scratch_and_says_so(trained, synthetic_root, tmp_path, monkeypatch):
+    """Seen (7b): metrics.json and both checkpoints gone, the log of 2 epochs kept: the runner said
+    "resuming after epoch 2/2" and the cell then trained from scratch, appending to the old log. Now
+    the cell is to train (no progress without a checkpoint), the runner says why it starts over,
+    the old log is kept under another name, and the result is the trained one."""
+    _, exp, cell = _copy(trained, synthetic_root, tmp_path)
+    log_text = open(cell.path("model.log")).read()
+    for name in ("metrics.json", "model.tar"):
+        os.unlink(cell.path(name))
+    assert not os.path.exists(cell.path("model.last.tar"))
+    assert estimate.read_log(cell.path("model.log"))[1] == 2 and status(cell) == ("todo", 0)
+    failed, lines = _run_grid(monkeypatch, exp, [cell])
+    assert failed == 0, lines
+    start = next(line for line in lines if f"start {cell.name}" in line)
+    assert start.endswith(f"start {cell.name} (2 epochs, from scratch: no checkpoint is left of the 2 epoch(s) its "
+                          f"model.log records); output in {display(cell.path('cell.out'))}")
+    assert open(cell.path("model.log.old-1")).read() == log_text
+    assert open(cell.path("model.log")).read().count("[config] dataset") == 1  # a fresh log
+    m = _metrics_of(cell)
+    for key in ("metrics", "epochs_run", "best_epoch", "best_loss"):
+        assert m[key] == trained[1][key], key
 
 
 def test_corrupt_best_checkpoint_is_set_aside_with_the_progress_it_served(trained, synthetic_root, tmp_path):

@@ -84,6 +84,8 @@ def test_malformed_log_lines_are_skipped_never_fatal(synthetic_root, tmp_path, c
     # the bad stamps are skipped: 04:31:41 .. 04:32:21 = 40 s; the speeds "1.2.3" and 0 are not speeds;
     # the epoch count still follows the epoch lines (3)
     assert estimate.read_log(cell.path("model.log")) == ([100.0], 3, 40.0)
+    assert status(cell) == ("todo", 0)                            # no checkpoint: no progress to resume
+    open(cell.path("model.last.tar"), "wb").close()              # (only its presence counts here)
     assert status(cell) == ("partial", 3)
     check_settings(exp.cells)                                     # no ValueError
     code, out, err = _reproduce(capsys, exp.path, "--out", tmp_path / "runs", "--dry-run")

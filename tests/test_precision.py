@@ -50,6 +50,7 @@ def gpu_kind(monkeypatch):
     def set_kind(name, capability):
         props = type("Props", (), {"major": capability[0], "minor": capability[1], "name": name})()
         monkeypatch.setattr(torch.version, "hip", None)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
@@ -75,6 +76,13 @@ def test_cuda_auto_is_fp32_before_ampere(cpu_kind, gpu_kind, name, capability):
     assert (amp, precision) == (True, "bf16")
     assert note.startswith("[note] --amp on: this GPU (" + name) and f"{capability[0]}.{capability[1]}" in note
     assert "emulated" in note
+
+
+def test_cuda_without_a_gpu_here_is_taken_as_native(cpu_kind, monkeypatch):
+    """A grid planned on a machine without a GPU for a GPU machine: its cells count as bf16."""
+    cpu_kind("AVX2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_precision("auto", CUDA) == (True, "bf16", None)
 
 
 def test_a_method_without_autocast_gets_fp32(cpu_kind, gpu_kind):
