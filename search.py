@@ -267,17 +267,20 @@ def read_index_dir(path):
         index = faiss.read_index_binary(index_path)
     except RuntimeError as e:
         raise UserInputError(f"{index_path}: unreadable faiss index ({str(e).strip().splitlines()[0][:200]})") from None
-    n, bits = len(meta.get("identities", [])), int(meta.get("bits", 0))
-    if index.ntotal != n or len(meta.get("paths", [])) != n or index.d != 8 * ((bits + 7) // 8):
+    n, bits = len(meta["identities"]), meta["bits"]
+    counts = {"num_items": meta.get("num_items", n), "identities": n, "paths": len(meta["paths"])}
+    if any(v != index.ntotal for v in counts.values()) or index.d != 8 * ((bits + 7) // 8):
+        listed = ", ".join(f"{v!r} {k}" for k, v in counts.items())
         raise UserInputError(f"--index {path}: {INDEX_FILE} ({index.ntotal} codes of {index.d} bits) does not "
-                             f"match {META_FILE} ({n} items, {bits} bits)")
+                             f"match {META_FILE} ({listed}, {bits} bits); rebuild the index with 'search.py index'")
     return index, meta
 
 
 def meta_value_problem(meta):
     """What is wrong with the values of index metadata (a str), or None when they are what
     ``search.py index`` writes: this ``FORMAT_VERSION`` and ``BIT_ORDER`` (the queries are
-    packed in it), positive integer ``bits`` and ``image_size``, a ``face_test`` transform of that
+    packed in it), positive integer ``bits`` and ``image_size``, ``identities`` and ``paths`` lists of
+    strings, an integer ``num_items`` (when present), a ``face_test`` transform of that
     size or a ``ddh`` one at 32 with a finite mean and a positive finite std (a std of 0 would
     scale the queries by 1e4). Raises KeyError/TypeError/ValueError on a missing or untyped entry.
     """
@@ -288,6 +291,11 @@ def meta_value_problem(meta):
     for key in ("bits", "image_size"):
         if type(meta[key]) is not int or meta[key] < 1:
             return f"{key} {meta[key]!r}: expected a positive integer"
+    for key in ("identities", "paths"):
+        if not isinstance(meta[key], list) or not all(isinstance(v, str) for v in meta[key]):
+            return f"{key}: expected a list of strings, one per indexed image"
+    if "num_items" in meta and (type(meta["num_items"]) is not int or meta["num_items"] < 0):
+        return f"num_items {meta['num_items']!r}: expected a count of images"
     t, size = meta["transform"], meta["image_size"]
     if t["kind"] == "face_test":
         if t["image_size"] != size:

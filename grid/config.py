@@ -124,19 +124,33 @@ def _err(path, key, message):
     return UserInputError(f"{path}: {key}: {message}")
 
 
+def toml_value(value):
+    """``value`` as the experiment file writes it: ``true``/``false`` (not Python's ``True``),
+    strings quoted, lists and tables in TOML's brackets; for messages about the file's values."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)  # single quotes: a TOML literal string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def _int_list(path, raw, key, low, high):
     if key not in raw:
         raise _err(path, key, "missing; expected a list of integers")
     value = raw[key]
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise _err(path, key, f"expected a list of integers, got {value!r}")
+        raise _err(path, key, f"expected a list of integers, got {toml_value(value)}")
     if not value:
         raise _err(path, key, "empty list: the grid has no cells")
     for v in value:
         if not low <= v <= high:
             raise _err(path, key, f"{v} is out of range {low}..{high}")
     if len(set(value)) != len(value):
-        raise _err(path, key, f"{value} repeats a value")
+        raise _err(path, key, f"{toml_value(value)} repeats a value")
     return list(value)
 
 
@@ -154,25 +168,26 @@ def _check_train_value(path, key, value, where):
     high = MAXIMUM.get(key)
     if kind == "int":
         if not isinstance(value, int) or isinstance(value, bool) or value < arg or (high and value > high):
-            raise _err(path, full, f"{value!r}: expected an integer >= {arg}" + (f" and <= {high}" if high else ""))
+            raise _err(path, full, f"{toml_value(value)}: expected an integer >= {arg}" + (f" and <= {high}" if high else ""))
         return [flag, str(value)] if flag else []
     if kind == "float":
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")
                 or (high and value > high)):
-            raise _err(path, full, f"{value!r}: expected a number in (0, {high:g}]" if high else
-                       f"{value!r}: expected a positive number")
+            raise _err(path, full, f"{toml_value(value)}: expected a number in (0, {high:g}]" if high else
+                       f"{toml_value(value)}: expected a positive number")
         return [flag, repr(float(value))]
     if kind == "bool":
         if not isinstance(value, bool):
-            raise _err(path, full, f"{value!r}: expected true or false")
+            raise _err(path, full, f"{toml_value(value)}: expected true or false")
         return [flag] if value else []
     if kind == "amp":
-        value = {True: "on", False: "off"}.get(value, value)
+        if isinstance(value, bool):  # true/false: on/off (not 1/0, which equal True/False as dict keys)
+            value = "on" if value else "off"
         if value not in ("auto", "on", "off"):
-            raise _err(path, full, f"{value!r}: expected \"auto\", \"on\" or \"off\"")
+            raise _err(path, full, f"{toml_value(value)}: expected \"auto\", \"on\" or \"off\"")
         return [flag, value]
     if value not in choices[arg]:
-        raise _err(path, full, f"{value!r}: expected one of {', '.join(choices[arg])}")
+        raise _err(path, full, f"{toml_value(value)}: expected one of {', '.join(choices[arg])}")
     return [flag, value]
 
 
@@ -181,11 +196,11 @@ def _method_args(path, method, table):
     from methods import parse_method_args
     key = f"overrides.{method}.method_args"
     if not isinstance(table, dict):
-        raise _err(path, key, f"expected a table such as {{ key = value }}, got {table!r}")
+        raise _err(path, key, f"expected a table such as {{ key = value }}, got {toml_value(table)}")
     items = []
     for k, v in table.items():
         if isinstance(v, (dict, list)):
-            raise _err(path, f"{key}.{k}", f"{v!r}: expected a number, a string or true/false")
+            raise _err(path, f"{key}.{k}", f"{toml_value(v)}: expected a number, a string or true/false")
         items.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
     try:
         parse_method_args(method, items)
@@ -208,7 +223,7 @@ def _settings(path, raw, methods):
         raise _err(path, "overrides", "expected tables [overrides.<method>]")
     for method, table in overrides.items():
         if method not in methods:
-            raise _err(path, f"overrides.{method}", f"{method!r} is not in methods ({', '.join(methods)})")
+            raise _err(path, f"overrides.{method}", f"{toml_value(method)} is not in methods ({', '.join(methods)})")
         for k, v in table.items():
             if k == "method_args":
                 _method_args(path, method, v)
@@ -224,7 +239,7 @@ def _data_root(path, raw, dataset, override, check=True):
     if root is None:
         raise _err(path, key, f"missing: --dataset {dataset} needs a folder holding {expected_layout(dataset)}")
     if not isinstance(root, str):
-        raise _err(path, key, f"expected a folder name, got {root!r}")
+        raise _err(path, key, f"expected a folder name, got {toml_value(root)}")
     full = os.path.abspath(os.path.expanduser(root))
     if not check:
         return full
@@ -264,30 +279,30 @@ def load_experiment(path, data_root=None, device=None, out=None, check_data=True
         raise _err(path, unknown[0], f"unknown key; expected one of {', '.join(TOP_KEYS)}")
     name = raw.get("name", os.path.splitext(os.path.basename(path))[0])
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise _err(path, "name", f"{name!r}: expected letters, digits, '.', '_' or '-' (it names a folder)")
+        raise _err(path, "name", f"{toml_value(name)}: expected letters, digits, '.', '_' or '-' (it names a folder)")
     dataset = raw.get("dataset")
     if dataset not in DATASETS:
-        raise _err(path, "dataset", ("missing" if dataset is None else f"{dataset!r} is unknown")
+        raise _err(path, "dataset", ("missing" if dataset is None else f"{toml_value(dataset)} is unknown")
                    + f"; expected one of {', '.join(DATASETS)}")
     methods = raw.get("methods")
     if methods is None or not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
-        raise _err(path, "methods", f"expected a list of method names, got {methods!r}")
+        raise _err(path, "methods", f"expected a list of method names, got {toml_value(methods)}")
     if not methods:
         raise _err(path, "methods", "empty list: the grid has no cells")
     for m in methods:
         if m not in METHODS:
-            raise _err(path, "methods", f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
+            raise _err(path, "methods", f"unknown method {toml_value(m)}; expected some of {', '.join(METHODS)}")
     if len(set(methods)) != len(methods):
-        raise _err(path, "methods", f"{methods} repeats a method")
+        raise _err(path, "methods", f"{toml_value(methods)} repeats a method")
     from dcdh_train import MAX_BITS
     bits = _int_list(path, raw, "bits", 1, MAX_BITS)
     seeds = _int_list(path, raw, "seeds", 0, 2**31 - 1)
     for key in ("description", "device", "out"):
         if key in raw and not isinstance(raw[key], str):
-            raise _err(path, key, f"expected a string, got {raw[key]!r}")
+            raise _err(path, key, f"expected a string, got {toml_value(raw[key])}")
     for key in ("device", "out", "data_root"):  # "" would silently mean the default (out: ./<name>)
         if isinstance(raw.get(key), str) and not raw[key].strip():
-            raise _err(path, key, f"{raw[key]!r}: empty; expected a {'device' if key == 'device' else 'folder'} "
+            raise _err(path, key, f"{toml_value(raw[key])}: empty; expected a {'device' if key == 'device' else 'folder'} "
                        "name, or leave the key out for the default")
     for flag, value in (("--data-root", data_root), ("--device", device), ("--out", out)):
         if value is not None and not value.strip():
@@ -295,10 +310,10 @@ def load_experiment(path, data_root=None, device=None, out=None, check_data=True
     figure_bits = raw.get("figure_bits")
     if figure_bits is not None and (not isinstance(figure_bits, int) or isinstance(figure_bits, bool)
                                     or figure_bits not in bits):
-        raise _err(path, "figure_bits", f"{figure_bits!r}: expected an integer, one of bits {bits}")
+        raise _err(path, "figure_bits", f"{toml_value(figure_bits)}: expected an integer, one of bits {bits}")
     unseen = raw.get("unseen_identities", 0)
     if not isinstance(unseen, int) or isinstance(unseen, bool) or unseen < 0:
-        raise _err(path, "unseen_identities", f"{unseen!r}: expected an integer >= 0 (identities held out of "
+        raise _err(path, "unseen_identities", f"{toml_value(unseen)}: expected an integer >= 0 (identities held out of "
                    "training; 0 or absent: none)")
     train, overrides = _settings(path, raw, methods)
     exp = Experiment(path=path, name=name, dataset=dataset, methods=methods, bits=bits, seeds=seeds,
@@ -330,7 +345,7 @@ def _device_error(exp, check):
         if exp.device_key == "--device":
             raise
         message = re.sub(r"^--device '?" + re.escape(exp.device) + r"'?: ", "", str(e))
-        raise _err(exp.path, "device", f"{exp.device!r}: {message}") from None
+        raise _err(exp.path, "device", f"{toml_value(exp.device)}: {message}") from None
 
 
 def check_machine(exp):

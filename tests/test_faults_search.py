@@ -130,6 +130,29 @@ def test_edited_meta_is_one_line(small, tmp_path, capsys, changes, expected):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("changes, expected", [
+    ({"num_items": 7}, "(7 num_items, 6 identities, 6 paths, 12 bits)"),
+    ({"identities": ["ann"] * 5}, "(6 num_items, 5 identities, 6 paths, 12 bits)"),
+    ({"paths": ["x.png"] * 7}, "(6 num_items, 6 identities, 7 paths, 12 bits)"),
+], ids=["num_items", "identities", "paths"])
+def test_meta_counts_that_differ_from_the_index_are_one_line(small, tmp_path, capsys, changes, expected):
+    """6 codes in the faiss index; meta.json's counts must all be 6 (num_items was not checked)."""
+    ix = edited_index(small, tmp_path, **changes)
+    err = cli_error(capsys, "query", "--index", ix, small["query"], "--device", "cpu")
+    assert f"--index {ix}: index.bin (6 codes of 16 bits) does not match meta.json {expected}" in err, err
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"paths": 6}, "paths: expected a list of strings, one per indexed image"),
+    ({"identities": [1, 2, 3, 4, 5, 6]}, "identities: expected a list of strings, one per indexed image"),
+    ({"num_items": "6"}, "num_items '6': expected a count of images"),
+], ids=["paths-int", "identities-ints", "num_items-str"])
+def test_meta_lists_of_the_wrong_type_are_one_line(small, tmp_path, capsys, changes, expected):
+    ix = edited_index(small, tmp_path, **changes)
+    err = cli_error(capsys, "query", "--index", ix, small["query"], "--device", "cpu")
+    assert f"{ix / 'meta.json'}: {expected}; rebuild the index" in err
+
+
 # ------------------------------------------------------------------------------ another model
 
 

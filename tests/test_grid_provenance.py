@@ -108,14 +108,24 @@ def test_unreadable_log_counts_what_was_read(tmp_path):
 
 REFUSED = [
     ("figure_bits-float", "figure_bits = 12.0\n", "", "figure_bits: 12.0: expected an integer, one of bits [8, 12]"),
-    ("figure_bits-bool", "figure_bits = true\n", "", "figure_bits: True: expected an integer, one of bits [8, 12]"),
+    ("figure_bits-bool", "figure_bits = true\n", "", "figure_bits: true: expected an integer, one of bits [8, 12]"),
     ("out-empty", 'out = ""\n', "", "out: '': empty; expected a folder name"),
     ("epochs-huge", "", f"epochs = {10 ** 15}", f"train.epochs: {10 ** 15}: expected an integer >= 1 and <= 100000"),
     ("lr-huge", "", "lr = 1e308", "train.lr: 1e+308: expected a number in (0, 10]"),
     ("lr-zero", "", "lr = 0.0", "train.lr: 0.0: expected a number in (0, 10]"),
     ("threads-zero", "", "threads = 0", "train.threads: 0: expected an integer >= 1 and <= 1024"),
-    ("threads-bool", "", "threads = true", "train.threads: True: expected an integer >= 1 and <= 1024"),
+    ("threads-bool", "", "threads = true", "train.threads: true: expected an integer >= 1 and <= 1024"),
+    # values are named as the file writes them (true, not Python's True)
+    ("amp-int", "", "amp = 1", 'train.amp: 1: expected "auto", "on" or "off"'),
+    ("bs-bool", "", "bs = false", 'train.bs: false: expected an integer >= 1'),
 ]
+
+
+def test_values_are_named_in_toml_syntax():
+    from grid.config import toml_value
+    assert toml_value([True, 8, "x"]) == "[true, 8, 'x']"
+    assert toml_value({"scale": False, "lr": 0.5}) == "{ scale = false, lr = 0.5 }"
+    assert (toml_value({}), toml_value(1e308), toml_value(None)) == ("{}", "1e+308", "None")
 
 
 @pytest.mark.parametrize("top,train,message", [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])

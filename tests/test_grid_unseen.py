@@ -57,7 +57,7 @@ def test_cells_hold_out_the_identities_and_evaluate_with_real(synthetic_root, tm
     ("7", "unseen_identities: 7: expected 1..6 (8 of the 8 training identities"),
     ("-1", "unseen_identities: -1: expected an integer >= 0"),
     ('"all"', "unseen_identities: 'all': expected an integer >= 0"),
-    ("true", "unseen_identities: True: expected an integer >= 0"),
+    ("true", "unseen_identities: true: expected an integer >= 0"),
 ])
 def test_bad_count_is_refused_before_anything_runs(synthetic_root, tmp_path, k, message):
     path = _exp(tmp_path, synthetic_root, k=k)
