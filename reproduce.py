@@ -89,6 +89,7 @@ def main(args):
     lines, estimates = plan(exp, cells, jobs, shard)
     lines.insert(-1, speed_note(measured(exp)))  # where the images/s came from: this machine only
     if args.dry_run:
+        make_out_dir(exp, out_key, create=False)  # refused here as the run would refuse it; nothing is made
         try:
             check_machine(exp)
         except UserInputError as e:

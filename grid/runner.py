@@ -210,12 +210,13 @@ def check_data(exp):
         raise UserInputError(f"the training split has {identities} identity; hashing needs at least 2")
 
 
-def make_out_dir(exp, key):
+def make_out_dir(exp, key, create=True):
     """Create the experiment's output folder (``key``: ``--out`` or the file's ``out``, for the
-    message). Raises: UserInputError, one line, when it cannot be created or written."""
+    message); ``create`` False (``--dry-run``) only checks that it could be. Raises:
+    UserInputError, one line, when it cannot be created or written."""
     folder = exp.out_dir
     make_writable_folder(folder, f"{key}: cannot create the output folder {folder}",
-                         f"{key}: cannot write the output folder {folder}")
+                         f"{key}: cannot write the output folder {folder}", create=create)
 
 
 def display(path):

@@ -290,10 +290,11 @@ def test_out_folder_that_cannot_be_made_is_one_line_exit_2(synthetic_root, tmp_p
     path.write_text(TINY.format(root=synthetic_root))
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
-    code, _, err = _reproduce(capsys, path, "--out", blocker / "runs")
-    _one_line(code, err, f"--out {blocker / 'runs'}: cannot create the output folder",
-              f"{blocker} is a file, not a folder")
-    assert blocker.read_text() == "keep me"
+    for dry in ([], ["--dry-run"]):  # a dry run refuses what the run would refuse (it exited 0)
+        code, out, err = _reproduce(capsys, path, "--out", blocker / "runs", *dry)
+        _one_line(code, err, f"--out {blocker / 'runs'}: cannot create the output folder",
+                  f"{blocker} is a file, not a folder")
+        assert blocker.read_text() == "keep me" and out == ""
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

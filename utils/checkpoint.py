@@ -20,18 +20,23 @@ DEFAULT_DIR = "checkpoint"
 """Where the authors' scripts read and write checkpoints (``./checkpoint``)."""
 
 
-def make_writable_folder(folder, blocked, failed):
+def make_writable_folder(folder, blocked, failed, create=True):
     """Create ``folder`` (and its parents) and check that a file can be written in it.
 
     ``blocked`` and ``failed`` start the one-line messages: ``f"{blocked}: X is a file, not a
     folder"`` when a path on the way is a file, ``f"{failed}: <OS reason>"`` when it cannot be
-    created or written. Raises: UserInputError.
+    created or written. ``create`` False (a dry run): nothing is created; the nearest existing
+    folder on the way must be writable. Raises: UserInputError.
     """
     blocker = folder
     while blocker and not os.path.exists(blocker):
         blocker = os.path.dirname(blocker)
     if blocker and not os.path.isdir(blocker):
         raise UserInputError(f"{blocked}: {blocker} is a file, not a folder")
+    if not create:
+        if not os.access(blocker or os.curdir, os.W_OK | os.X_OK):
+            raise UserInputError(f"{failed}: {os.strerror(13)}")
+        return
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
