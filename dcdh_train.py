@@ -380,6 +380,10 @@ def _train(args, hparams, dist_info):
             best_held = holder is not None or best_epoch < 0
             if copied:
                 log.info(f"[resume] best model so far (epoch {best_epoch + 1}) copied from {holder} to {best_path}")
+        if dist_info.enabled:  # every process takes process 0's answer: all stop (exit 2) or all go on
+            held = [best_held]
+            torch.distributed.broadcast_object_list(held, src=0)
+            best_held = held[0]
     elif os.path.isfile(best_path):
         log.info(f"[note] {best_path} exists and will be replaced by this new run "
                  "(add --resume to continue that run instead)")

@@ -96,3 +96,28 @@ def test_torchrun_two_processes_train_and_save_once(synthetic_root, tmp_path):
     ck = torch.load(tmp_path / "m.tar", map_location="cpu", weights_only=True)
     assert ck["config"]["world_size"] == 2 and ck["epoch"] == 1
     assert (tmp_path / "m.log").read_text().count("[epoch 1/1]") == 1
+
+
+def test_torchrun_resume_without_the_best_file_stops_every_process(synthetic_root, tmp_path):
+    """A finished run whose best model no file holds: under torchrun only process 0 looked for the
+    file, so it exited 2 while process 1 said nothing and exited 0. Now process 0's answer is
+    broadcast and both stop with the one-line error (exit 2), and nothing is written."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "dcdh_train.py",
+              "--dataset", "ddh", "--data-root", synthetic_root, "--len", "12", "--bs", "32",
+              "--checkpoint-dir", str(tmp_path), "--device", "cpu", "--epochs", "1"]
+    r = subprocess.run(common[:5] + ["--master_port", str(free_port())] + common[5:] + ["--save", "x.tar"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from utils.checkpoint import load_checkpoint, save_checkpoint
+    state = load_checkpoint(str(tmp_path / "x.last.tar"))  # made a 2-epoch run whose best epoch was the first
+    save_checkpoint(dict(state, epoch=2, best_epoch=0, best_loss=0.5), str(tmp_path / "x.last.tar"))
+    os.unlink(tmp_path / "x.tar")  # the best model's only file
+    r = subprocess.run(common[:5] + ["--master_port", str(free_port())] + common[5:-1]
+                       + ["2", "--save", "new.tar", "--resume", str(tmp_path / "x.last.tar")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    line = (f"dcdh_train.py: error: --resume {tmp_path / 'x.last.tar'}: training had already ended (all 2 epochs "
+            f"are done), and no file holds its best model (epoch 1; not {tmp_path / 'new.tar'}); nothing was written")
+    assert r.returncode != 0
+    assert r.stderr.count(line) == 2, r.stderr[-3000:]   # one line from each process
+    assert not (tmp_path / "new.tar").exists()
