@@ -169,8 +169,8 @@ def check_settings(cells):
 
 def _folder_identities(root, split):
     """Identities of an image-folder split that hold image files, listed as ``data.folder.FaceFolder``
-    lists them but without decoding the images (a whole decode of a large set would make a dry
-    run take minutes; an undecodable image is skipped by the trainer with a warning).
+    lists them, decoding only a few (``check_some_decode``: a whole decode of a large set would
+    make a dry run take minutes; an undecodable image is skipped by the trainer with a warning).
     Raises: UserInputError with FaceFolder's message for a missing or empty split."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
     folder = os.path.join(root, split)
@@ -186,7 +186,30 @@ def _folder_identities(root, split):
         raise UserInputError(f"{folder}: cannot be listed ({e.strerror or e})") from None
     if not samples:
         raise UserInputError(f"{folder}: no images found (expected {split}/<identity>/*.jpg|png|pgm...)")
+    check_some_decode(folder, [path for path, _ in samples])
     return {classes[target] for _, target in samples}
+
+
+DECODE_SAMPLE = 8
+"""Images of a split decoded before a grid starts (spread over the split): not one decodable
+among them stops the grid, as it would stop every cell."""
+
+
+def check_some_decode(folder, paths, tries=DECODE_SAMPLE):
+    """Decode up to ``tries`` of ``paths`` spread over the list; at least one must decode.
+    Raises: UserInputError naming ``folder`` and the first failure (a folder of files that only
+    look like images: every cell would fail on it)."""
+    from data.folder import load_rgb
+    step = max(1, len(paths) // tries)
+    first = None
+    for path in paths[::step][:tries]:
+        try:
+            load_rgb(path)
+            return
+        except UserInputError as e:
+            first = first or str(e)
+    raise UserInputError(f"{folder}: none of the {min(tries, len(paths[::step]))} images tried can be decoded "
+                         f"(first: {first})")
 
 
 def check_data(exp):

@@ -27,6 +27,7 @@ from grid import estimate
 from grid.runner import Runner, cell_spec, display, status
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import UserInputError
+from conftest import assert_one_line_refusal
 from conftest import reproduce_in_process as _reproduce
 
 TINY = """
@@ -443,3 +444,27 @@ def test_corrupt_best_checkpoint_is_set_aside_with_the_progress_it_served(traine
     # nothing left to set aside: the next attempt starts from scratch
     paths = (cell.path("model.tar"), cell.path("model.last.tar"), cell.path("model.log"))
     assert grid.cell.recover_checkpoints(*paths) is None
+
+
+def test_image_folder_that_cannot_be_decoded_stops_the_grid_first(tmp_path, capsys, monkeypatch):
+    """Seen: an image-folder set whose files only look like images (2 identities, '.jpg' files of text)
+    passed the check before the grid, and each cell then failed alone. Now a few images of each
+    split are decoded first: not one decodable stops the grid in one line, before any folder is made;
+    one good image among bad ones is enough (the trainer skips a bad image with a warning)."""
+    from PIL import Image
+    monkeypatch.setattr(estimate, "time_batches", lambda *a: (50.0, 3, 32))  # the dry run times no network
+    for split, n in (("train", 16), ("test", 3)):  # 32 training images: the batch of 32 fits
+        for ident in ("ann", "ben"):
+            os.makedirs(tmp_path / "faces" / split / ident)
+            for i in range(n):
+                (tmp_path / "faces" / split / ident / f"{i}.jpg").write_text("not an image")
+    path = _experiment(tmp_path, tmp_path / "faces", dataset="folder")
+    code, out, err = _reproduce(capsys, path, "--out", tmp_path / "runs", "--dry-run")
+    first = tmp_path / "faces" / "train" / "ann" / "0.jpg"
+    assert_one_line_refusal(code, err, f"{tmp_path / 'faces' / 'train'}: none of the 8 images tried can be decoded "
+                            f"(first: {first}: unreadable image (")
+    assert out == "" and not (tmp_path / "runs").exists()
+    for split in ("train", "test"):  # one decodable image per split is enough to start
+        Image.new("RGB", (40, 40), "white").save(tmp_path / "faces" / split / "ben" / "12.jpg", format="JPEG")
+    code, out, err = _reproduce(capsys, path, "--out", tmp_path / "runs", "--dry-run")
+    assert code == 0 and err == "" and "dcdh-8b-s0" in out
