@@ -85,11 +85,12 @@ def main(args):
         print(f"{exp.name}: " + (f"{len(paths)} report files written to {exp.out_dir}" if paths
                                  else "no finished cell yet; nothing written"))
         return 0
+    if args.dry_run:  # refused here as the run would refuse it (nothing is made), before any timing
+        make_out_dir(exp, out_key, create=False)
     jobs = args.jobs or default_jobs(exp, cells)  # each cell's thread count is fixed (threads), whatever jobs is
     lines, estimates = plan(exp, cells, jobs, shard)
     lines.insert(-1, speed_note(measured(exp)))  # where the images/s came from: this machine only
     if args.dry_run:
-        make_out_dir(exp, out_key, create=False)  # refused here as the run would refuse it; nothing is made
         try:
             check_machine(exp)
         except UserInputError as e:

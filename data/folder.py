@@ -62,7 +62,7 @@ def open_image(path, flag="image"):
     return load_rgb(path)
 
 
-def _readable(path):
+def decodable(path):
     """Whether PIL decodes ``path`` fully. Raises: UserInputError for an image PIL refuses as
     too large (a decompression bomb is an error, not a file to skip quietly)."""
     try:
@@ -108,7 +108,7 @@ class FaceFolder(tvd.ImageFolder):
                              loader=load_rgb, allow_empty=True)
         except FileNotFoundError as e:
             raise UserInputError(f"{folder}: {e}") from None
-        bad = [p for p, _ in self.samples if not _readable(p)]
+        bad = [p for p, _ in self.samples if not decodable(p)]
         if bad:
             shown = ", ".join(os.path.relpath(p, folder) for p in bad[:10])
             _warn(f"{folder}: skipped {len(bad)} unreadable image file(s): {shown}"

@@ -60,21 +60,28 @@ def max_unseen(database, queries):
     return max_count(_ids(database), _ids(queries))
 
 
-def split_identities(dataset, root, split):
-    """The identities of one split of ``--dataset`` at ``root`` without decoding images (for checks
-    before a run: ``grid.config``): the label values of a DDH layout's files, the names of the
-    identity folders holding image files otherwise. Returns a set (empty when the split is missing).
-    Raises: UserInputError for an unreadable DDH file."""
+def image_identities(dataset, root, split):
+    """The identity of each image of one split of ``--dataset`` at ``root``, without decoding
+    images (for checks and estimates before a run: ``grid``): the label values of a DDH layout's
+    files (ints), the identity folder name of each image file otherwise (strs, as
+    ``FaceFolder.raw_labels``; files that do not decode are counted too). Returns a list (empty
+    when the split is missing). Raises: UserInputError for an unreadable DDH file."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        return set()
+        return []
     from . import DDH_LAYOUT
     if dataset in DDH_LAYOUT:
         from .ddh import _read_file
-        return {int(v) for f in sorted(glob.glob(os.path.join(folder, "*.pkl"))) for v in _read_file(f)[1]}
+        return [int(v) for f in sorted(glob.glob(os.path.join(folder, "*.pkl"))) for v in _read_file(f)[1]]
     from torchvision.datasets.folder import IMG_EXTENSIONS
-    return {e.name for e in os.scandir(folder) if e.is_dir()
-            and any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in os.scandir(e.path))}
+    return [e.name for e in sorted(os.scandir(folder), key=lambda e: e.name) if e.is_dir()
+            for f in os.scandir(e.path) if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS)]
+
+
+def split_identities(dataset, root, split):
+    """The set of ``image_identities``: the identities of one split, without decoding images (for
+    checks before a run: ``grid.config``). Raises: UserInputError for an unreadable DDH file."""
+    return set(image_identities(dataset, root, split))
 
 
 def choose_unseen(database, queries, count, seed, flag=FLAG):

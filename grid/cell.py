@@ -212,7 +212,12 @@ def run(cell_dir, code_version):
     if not finished:
         resume = os.path.isfile(last) or os.path.isfile(best)
         if not resume and read_log(log)[1]:  # epochs logged, no checkpoint left: a fresh log for a fresh run
-            kept = set_aside(log, "old")
+            try:
+                kept = set_aside(log, "old")
+            except OSError as e:
+                from utils.errors import UserInputError
+                raise UserInputError(f"{log}: no checkpoint is left of the epochs it records, and it cannot be set "
+                                     f"aside ({e.strerror or e}): rename or remove it") from None
             print(f"[cell] {spec['cell']}: no checkpoint is left of the epochs model.log records; the log is "
                   f"kept as {os.path.basename(kept)} and the cell trains from scratch", flush=True)
         flags = spec["train_flags"] + (["--resume"] if resume else [])

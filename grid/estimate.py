@@ -104,19 +104,22 @@ def count_train_images(dataset, root):
 def count_trained_images(exp):
     """Images each seed's cells train on when ``exp`` holds identities out (``unseen_identities``):
     the training split less the held-out identities' images, drawn from each seed as dcdh_train.py
-    draws them (``data.unseen.choose_unseen``). Returns {seed: int}; {} when nothing is held out or
-    the data cannot be read (the estimate then counts the whole training split)."""
+    draws them (``data.unseen.choose_unseen``), from the splits' listings (no image is decoded).
+    Returns {seed: int}; {} when nothing is held out or the data cannot be read (the estimate
+    then counts the whole training split)."""
     if not exp.unseen_identities:
         return {}
     try:
-        from data import build_datasets
-        from data.unseen import _ids, choose_unseen
-        database, queries, _ = build_datasets(exp.dataset, exp.data_root)
-        ids = _ids(database)
+        from types import SimpleNamespace
+
+        from data.unseen import choose_unseen, image_identities
+        # the splits as choose_unseen reads them (their identities), listed without decoding an image
+        train, test = (SimpleNamespace(raw_labels=image_identities(exp.dataset, exp.data_root, split))
+                       for split in ("train", "test"))
         counts = {}
         for seed in exp.seeds:
-            unseen = set(choose_unseen(database, queries, exp.unseen_identities, seed))
-            counts[seed] = sum(1 for k in ids if k not in unseen)
+            unseen = set(choose_unseen(train, test, exp.unseen_identities, seed))
+            counts[seed] = sum(1 for k in train.raw_labels if k not in unseen)
         return counts
     except Exception:  # an estimate must never stop the grid: the run reports data errors itself
         return {}

@@ -290,7 +290,8 @@ def latex_table(exp, finished, key, title):
 
 
 TITLE_WIDTH = 72
-"""Characters per title line of a figure: longer lines are wrapped (a 6-inch figure at 10 pt)."""
+"""Characters per title line of a figure at most (a 6-inch figure at 10 pt); a line still wider
+than the figure (wide letters) is wrapped narrower until it fits."""
 
 
 def wrap_title(title, width=TITLE_WIDTH):
@@ -305,10 +306,14 @@ def _figure(path, draw, title, legend_columns=1):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4.5))
     draw(ax)
-    ax.set_title(wrap_title(title), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8 if legend_columns == 1 else 7, ncol=legend_columns)
-    fig.tight_layout()
+    for width in range(TITLE_WIDTH, 20, -6):  # narrower lines until the title fits (wide letters, '_')
+        text = ax.set_title(wrap_title(title, width), fontsize=10)
+        fig.tight_layout()
+        box = text.get_window_extent(fig.canvas.get_renderer())
+        if box.x0 >= 0 and box.x1 <= fig.bbox.width:
+            break
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 

@@ -169,8 +169,9 @@ def check_settings(cells):
 
 def _folder_identities(root, split):
     """Identities of an image-folder split that hold image files, listed as ``data.folder.FaceFolder``
-    lists them, decoding only a few (``check_some_decode``: a whole decode of a large set would
-    make a dry run take minutes; an undecodable image is skipped by the trainer with a warning).
+    lists them, decoding only until one image decodes (``check_some_decode``: a whole decode of a
+    large set would make a dry run take minutes; an undecodable image is skipped by the trainer
+    with a warning, a split of which none decodes stops every cell).
     Raises: UserInputError with FaceFolder's message for a missing or empty split."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
     folder = os.path.join(root, split)
@@ -186,30 +187,26 @@ def _folder_identities(root, split):
         raise UserInputError(f"{folder}: cannot be listed ({e.strerror or e})") from None
     if not samples:
         raise UserInputError(f"{folder}: no images found (expected {split}/<identity>/*.jpg|png|pgm...)")
-    check_some_decode(folder, [path for path, _ in samples])
+    check_some_decode(folder, [path for path, _ in samples])  # one decode when the first image is sound
     return {classes[target] for _, target in samples}
 
 
-DECODE_SAMPLE = 8
-"""Images of a split decoded before a grid starts (spread over the split): not one decodable
-among them stops the grid, as it would stop every cell."""
-
-
-def check_some_decode(folder, paths, tries=DECODE_SAMPLE):
-    """Decode up to ``tries`` of ``paths`` spread over the list; at least one must decode.
-    Raises: UserInputError naming ``folder`` and the first failure (a folder of files that only
-    look like images: every cell would fail on it)."""
-    from data.folder import load_rgb
-    step = max(1, len(paths) // tries)
-    first = None
-    for path in paths[::step][:tries]:
-        try:
-            load_rgb(path)
+def check_some_decode(folder, paths):
+    """At least one of ``paths`` (a split's image files, listed in identity order) must decode as
+    the trainer decodes them (``data.folder.decodable``): the first image of each identity is tried
+    first, then the others, stopping at the first that decodes (one decode for a sound folder).
+    Raises: UserInputError naming ``folder`` when none decodes (every cell would fail on it), or
+    ``decodable``'s line for a decompression bomb."""
+    from data.folder import decodable
+    firsts = {}
+    for path in paths:
+        firsts.setdefault(os.path.dirname(path), path)
+    seen = set(firsts.values())
+    for path in list(firsts.values()) + [p for p in paths if p not in seen]:
+        if decodable(path):
             return
-        except UserInputError as e:
-            first = first or str(e)
-    raise UserInputError(f"{folder}: none of the {min(tries, len(paths[::step]))} images tried can be decoded "
-                         f"(first: {first})")
+    raise UserInputError(f"{folder}: none of its {len(paths)} image files can be decoded (e.g. {paths[0]}); "
+                         "expected JPEG, PNG, PGM ... images")
 
 
 def check_data(exp):
@@ -217,7 +214,7 @@ def check_data(exp):
     data problem stops the grid (one line, exit 2) before any folder is made rather than failing
     every cell. DDH-layout sets are read as the trainer reads them (``data.build_datasets``: an
     empty split, a corrupt or foreign ``.pkl``, a folder named ``*.pkl``); image folders are
-    listed (``_folder_identities``). Sets ``exp.train_images`` when it was not counted.
+    listed, and decoded until one image decodes (``_folder_identities``). Sets ``exp.train_images`` when it was not counted.
 
     Raises: UserInputError with the trainer's message (naming the folder or file).
     """
@@ -480,7 +477,7 @@ def plan(exp, cells, jobs=1, shard=None):
              + f" -> {display(exp.out_dir)}",
              f"data: {exp.dataset} in {exp.data_root}, "
              + (f"{n_images:,} training images" if n_images else "training images not counted")
-             + (f" ({', '.join(f'{n:,}' for n in sorted(set(trained.values())))} once the "
+             + (f" ({' or '.join(f'{n:,}' for n in sorted(set(trained.values())))} once the "
                 f"{exp.unseen_identities} held-out identities are left out)" if trained else "")
              + f"; device {exp.device or dev}",
              f"{'cell':<22} {'status':<22} {'epochs':>6}  {'images/s':<24} estimate"]

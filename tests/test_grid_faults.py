@@ -427,6 +427,21 @@ def test_no_checkpoint_left_trains_from_scratch_and_says_so(trained, synthetic_r
         assert m[key] == trained[1][key], key
 
 
+def test_old_log_that_cannot_be_set_aside_is_one_line(trained, synthetic_root, tmp_path, monkeypatch):
+    _, exp, cell = _copy(trained, synthetic_root, tmp_path)
+    for name in ("metrics.json", "model.tar"):
+        os.unlink(cell.path(name))
+
+    def refuse(path, why):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(grid.cell, "set_aside", refuse)
+    with pytest.raises(UserInputError) as e:
+        grid.cell.run(cell.dir, "test")
+    assert str(e.value) == (f"{cell.path('model.log')}: no checkpoint is left of the epochs it records, and it cannot "
+                            "be set aside (Permission denied): rename or remove it")
+    assert sorted(os.listdir(cell.dir)) == ["cell.json", "model.log"]  # nothing trained or written
+
+
 def test_corrupt_best_checkpoint_is_set_aside_with_the_progress_it_served(trained, synthetic_root, tmp_path):
     _, exp, cell = _copy(trained, synthetic_root, tmp_path)
     last_bytes, _ = _ended_without_metrics(cell)
@@ -448,9 +463,9 @@ def test_corrupt_best_checkpoint_is_set_aside_with_the_progress_it_served(traine
 
 def test_image_folder_that_cannot_be_decoded_stops_the_grid_first(tmp_path, capsys, monkeypatch):
     """Seen: an image-folder set whose files only look like images (2 identities, '.jpg' files of text)
-    passed the check before the grid, and each cell then failed alone. Now a few images of each
-    split are decoded first: not one decodable stops the grid in one line, before any folder is made;
-    one good image among bad ones is enough (the trainer skips a bad image with a warning)."""
+    passed the check before the grid, and each cell then failed alone. Now a split of which no image
+    decodes stops the grid in one line, before any folder is made; one good image among bad ones,
+    wherever it is, is enough (the trainer skips a bad image with a warning)."""
     from PIL import Image
     monkeypatch.setattr(estimate, "time_batches", lambda *a: (50.0, 3, 32))  # the dry run times no network
     for split, n in (("train", 16), ("test", 3)):  # 32 training images: the batch of 32 fits
@@ -461,10 +476,10 @@ def test_image_folder_that_cannot_be_decoded_stops_the_grid_first(tmp_path, caps
     path = _experiment(tmp_path, tmp_path / "faces", dataset="folder")
     code, out, err = _reproduce(capsys, path, "--out", tmp_path / "runs", "--dry-run")
     first = tmp_path / "faces" / "train" / "ann" / "0.jpg"
-    assert_one_line_refusal(code, err, f"{tmp_path / 'faces' / 'train'}: none of the 8 images tried can be decoded "
-                            f"(first: {first}: unreadable image (")
+    assert_one_line_refusal(code, err, f"{tmp_path / 'faces' / 'train'}: none of its 32 image files can be decoded "
+                            f"(e.g. {first}); expected JPEG, PNG, PGM ... images")
     assert out == "" and not (tmp_path / "runs").exists()
-    for split in ("train", "test"):  # one decodable image per split is enough to start
-        Image.new("RGB", (40, 40), "white").save(tmp_path / "faces" / split / "ben" / "12.jpg", format="JPEG")
+    for split, last in (("train", "9.jpg"), ("test", "2.jpg")):  # the last file of each split listed
+        Image.new("RGB", (40, 40), "white").save(tmp_path / "faces" / split / "ben" / last, format="JPEG")
     code, out, err = _reproduce(capsys, path, "--out", tmp_path / "runs", "--dry-run")
     assert code == 0 and err == "" and "dcdh-8b-s0" in out

@@ -114,25 +114,33 @@ def test_one_cell_end_to_end(synthetic_root, tmp_path, capsys):
     assert float(row["map_unseen"]) == m["map_unseen"] and row["real_map"] != ""
 
 
-def test_long_figure_titles_are_wrapped_inside_the_figure():
+def test_long_figure_titles_are_wrapped_inside_the_figure(synthetic_root, tmp_path, monkeypatch):
     """The protocols figure's title once ran past both edges of the figure (matplotlib centres a
-    long line without wrapping): every title line is now wrapped to fit a 6-inch figure."""
+    long line without wrapping): every figure the report draws for an experiment with a long name
+    now has its title inside the figure, its words kept in order."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from grid.report import TITLE_WIDTH, wrap_title
-    title = ("mAP, trained and unseen identities — celeba299-ddh32-with-a-longer-folder-name (ddh)\n"
-             "60 identities held out of training; experiment celeba299_unseen_cpu_second_try, mean of 3 seeds")
-    wrapped = wrap_title(title)
-    assert wrapped.split() == title.split()                     # same words, in order
-    assert max(len(line) for line in wrapped.split("\n")) <= TITLE_WIDTH < max(len(line) for line in title.split("\n"))
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    text = ax.set_title(wrapped, fontsize=10)
-    fig.tight_layout()
-    box = text.get_window_extent(fig.canvas.get_renderer())
-    plt.close(fig)
-    assert 0 <= box.x0 and box.x1 <= fig.bbox.width
+    from matplotlib.figure import Figure
 
+    from grid.report import TITLE_WIDTH, wrap_title
+    title = "mAP — celeba299-ddh32-with-a-longer-folder-name (ddh)\n" + "seeds " * 20
+    assert wrap_title(title).split() == title.split()
+    assert max(len(line) for line in wrap_title(title).split("\n")) <= TITLE_WIDTH
+    seen, save = [], Figure.savefig
+
+    def checked_save(fig, *args, **kwargs):
+        text = fig.axes[0].title
+        box = text.get_window_extent(fig.canvas.get_renderer())
+        seen.append((text.get_text(), 0 <= box.x0 and box.x1 <= fig.bbox.width))
+        return save(fig, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", checked_save)
+    exp = load_experiment(_exp(tmp_path, synthetic_root, name="celeba299_unseen_cpu_with_a_much_longer_name"),
+                          out=str(tmp_path), machine=False)
+    for cell, maps in zip(exp.cells, ((0.5, 0.3), (0.9, 0.25))):
+        _fake_cell(cell, maps)
+    write_report(exp)
+    assert len(seen) == 6 and any("trained and unseen identities" in t for t, _ in seen)
+    assert all(inside for _, inside in seen), [t for t, inside in seen if not inside]
 
 
 def test_estimate_counts_only_the_trained_identities_images(synthetic_root, tmp_path, monkeypatch):
@@ -152,3 +160,35 @@ def test_estimate_counts_only_the_trained_identities_images(synthetic_root, tmp_
     lines, estimates = plan(exp, exp.cells)
     assert "128 training images;" in lines[1]
     assert estimates == {c.name: 128 * 1 / 10.0 + estimate.OVERHEAD_S for c in exp.cells}
+
+
+def test_estimate_count_of_an_image_folder_decodes_nothing(tmp_path, monkeypatch):
+    """An image folder (4 identities, 5..8 training images each): the count equals the trainer's
+    (its datasets with the held-out identity's images left out), and no image is decoded for it."""
+    from PIL import Image
+
+    import data.folder
+    from data import build_datasets
+    from data.unseen import choose_unseen, hold_out
+    from grid import estimate
+    for i, ident in enumerate("abcd"):
+        for split, n in (("train", 5 + i), ("test", 2)):
+            os.makedirs(tmp_path / "faces" / split / ident)
+            for j in range(n):
+                Image.new("RGB", (8, 8), (40 * i, 10 * j, 0)).save(tmp_path / "faces" / split / ident / f"{j}.png")
+    path = tmp_path / "f.toml"
+    path.write_text(TOML.format(root=tmp_path / "faces", k=1).replace('"ddh"', '"folder"').replace("seeds = [0]",
+                                                                                                     "seeds = [0, 1]").replace("bs = 32", "bs = 4"))
+    exp = load_experiment(str(path), out=str(tmp_path), machine=False)
+
+    def no_decode(p):
+        raise AssertionError(f"decoded {p}")
+    monkeypatch.setattr(data.folder, "decodable", no_decode)
+    counts = estimate.count_trained_images(exp)
+    monkeypatch.undo()
+    database, queries, _ = build_datasets("folder", str(tmp_path / "faces"))
+    expected = {}
+    for seed in (0, 1):
+        unseen = choose_unseen(database, queries, 1, seed)
+        expected[seed] = len(hold_out(database, queries, unseen)["database"])
+    assert counts == expected and set(expected.values()) <= {26 - n for n in (5, 6, 7, 8)}
