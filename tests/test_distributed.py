@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -83,13 +84,25 @@ def test_ddp_step_equals_single_process_step(tmp_path):
     assert moved > 1e-4
 
 
-def test_torchrun_two_processes_train_and_save_once(synthetic_root, tmp_path):
+def torchrun(*argv, timeout=180):
+    """``torchrun --nproc_per_node 2 dcdh_train.py ARGV`` on the CPU, one thread a process."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(free_port()), "dcdh_train.py", "--dataset", "ddh",
-                        "--data-root", synthetic_root, "--len", "12", "--epochs", "1", "--bs", "32",
-                        "--save", "m.tar", "--checkpoint-dir", str(tmp_path), "--eval-every", "1",
-                        "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), "dcdh_train.py", *map(str, argv)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(synthetic_root, tmp_path_factory):
+    """One epoch under torchrun with 2 processes: (its folder, the CompletedProcess)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    r = torchrun("--dataset", "ddh", "--data-root", synthetic_root, "--len", "12", "--epochs", "1", "--bs", "32",
+                 "--save", "m.tar", "--checkpoint-dir", folder, "--eval-every", "1", "--device", "cpu")
+    return folder, r
+
+
+def test_torchrun_two_processes_train_and_save_once(ddp_run):
+    tmp_path, r = ddp_run
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("[epoch 1/1]") == 1 and "x 2 processes" in r.stdout   # rank 0 alone logs
     assert "mAP" in r.stdout
@@ -98,24 +111,17 @@ def test_torchrun_two_processes_train_and_save_once(synthetic_root, tmp_path):
     assert (tmp_path / "m.log").read_text().count("[epoch 1/1]") == 1
 
 
-def test_torchrun_resume_without_the_best_file_stops_every_process(synthetic_root, tmp_path):
+def test_torchrun_resume_without_the_best_file_stops_every_process(ddp_run, synthetic_root, tmp_path):
     """A finished run whose best model no file holds: under torchrun only process 0 looked for the
     file, so it exited 2 while process 1 said nothing and exited 0. Now process 0's answer is
     broadcast and both stop with the one-line error (exit 2), and nothing is written."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    common = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "dcdh_train.py",
-              "--dataset", "ddh", "--data-root", synthetic_root, "--len", "12", "--bs", "32",
-              "--checkpoint-dir", str(tmp_path), "--device", "cpu", "--epochs", "1"]
-    r = subprocess.run(common[:5] + ["--master_port", str(free_port())] + common[5:] + ["--save", "x.tar"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
     from utils.checkpoint import load_checkpoint, save_checkpoint
-    state = load_checkpoint(str(tmp_path / "x.last.tar"))  # made a 2-epoch run whose best epoch was the first
-    save_checkpoint(dict(state, epoch=2, best_epoch=0, best_loss=0.5), str(tmp_path / "x.last.tar"))
-    os.unlink(tmp_path / "x.tar")  # the best model's only file
-    r = subprocess.run(common[:5] + ["--master_port", str(free_port())] + common[5:-1]
-                       + ["2", "--save", "new.tar", "--resume", str(tmp_path / "x.last.tar")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert ddp_run[1].returncode == 0, ddp_run[1].stderr[-3000:]
+    state = load_checkpoint(str(ddp_run[0] / "m.last.tar"))  # made a 2-epoch run whose best epoch was the first
+    save_checkpoint(dict(state, epoch=2, best_epoch=0, best_loss=0.5), str(tmp_path / "x.last.tar"))  # no x.tar
+    r = torchrun("--dataset", "ddh", "--data-root", synthetic_root, "--len", "12", "--epochs", "2", "--bs", "32",
+                 "--checkpoint-dir", tmp_path, "--device", "cpu", "--save", "new.tar",
+                 "--resume", tmp_path / "x.last.tar")
     line = (f"dcdh_train.py: error: --resume {tmp_path / 'x.last.tar'}: training had already ended (all 2 epochs "
             f"are done), and no file holds its best model (epoch 1; not {tmp_path / 'new.tar'}); nothing was written")
     assert r.returncode != 0
