@@ -112,7 +112,8 @@ def cpu_has_native_bf16():
 
 def gpu_has_native_bf16(device):
     """Whether the CUDA ``device`` computes bf16 natively: compute capability 8.0 or newer (Ampere,
-    Hopper, ...; on older GPUs bf16 is emulated and slower than fp32), or any ROCm GPU.
+    Hopper, ...; on older GPUs bf16 is emulated and slower than fp32). ROCm GPUs count as native,
+    as in ``torch.cuda.is_bf16_supported`` (true from MI100 on, not of older ones).
 
     Args: device: torch.device of type ``cuda``.
     Returns: bool; True when this machine has no CUDA device to ask (a grid planned here for a GPU
