@@ -349,13 +349,14 @@ def _train(args, hparams, dist_info):
     log.info(f"[config] dataset {args.dataset} ({len(train_set)} train / {len(queries)} test images, "
              f"{num_classes} identities), {backbone} at {image_size}x{image_size}, {args.len} bits, "
              f"batch {args.bs}, lr {recipe['lr']}, {recipe['optimizer']}, {epochs} epoch{'s' if epochs > 1 else ''} "
-             f"(early stop after {patience} epochs without a lower loss), device {device}"
+             f"(early stop after {patience + 1} epoch{'s' if patience else ''} in a row without a lower loss), "
+             f"device {device}"
              + (f" x {world} processes" if world > 1 else "")
              + (", bf16 autocast" if amp else ", fp32") + f" (--amp {args.amp}" + (f"; CPU capability {cpu_capability()}" if device.type == "cpu" else "") + ")"
              + (f", torch.compile mode {args.compile}" if args.compile != "off" else ""))
     log.info(f"[config] method {args.method}: " + (", ".join(f"{k} {v}" for k, v in method.hparams.items())
                                                      or "no hyperparameters")
-             + f"; seed {args.seed}; best checkpoint -> {best_path}, log -> {log_path}")
+             + f"; run seed {args.seed}; best checkpoint -> {best_path}, log -> {log_path}")
     log.info(f"[config] memory of method {args.method} (its state and one step, network excluded): "
              f"about {format_bytes(mem_estimate)} for {num_classes:,} identities, "
              + (f"{format_bytes(mem_free)} available on {device}" if mem_free is not None

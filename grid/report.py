@@ -340,9 +340,17 @@ def figure_vs_bits(exp, finished, key, title, path):
 def figure_protocols_vs_bits(exp, finished, path):
     """mAP against code length under both protocols: trained identities (solid line, filled circle)
     and identities held out of training (dashed, open square), one colour per method; chance levels
-    in grey."""
+    in grey. With a single code length, two bars per method instead (``_protocol_bars``): points on
+    one vertical line would hide each other."""
     trained, unseen = summarize(exp, finished, "map"), summarize(exp, finished, "map_unseen")
     n = max(s[2] for s in list(trained.values()) + list(unseen.values()))
+    held = (f"{exp.unseen_identities} identities held out of training" if exp.unseen_identities
+            else "held-out identities")
+    if len(exp.bits) == 1:
+        _figure(path, lambda ax: _protocol_bars(ax, exp, finished, trained, unseen),
+                f"mAP, trained and unseen identities, {exp.bits[0]} bits — {data_label(exp)}\n"
+                f"{held}; experiment {exp.name}, {_seeds_text(n)}")
+        return
 
     def draw(ax):
         for i, method in enumerate(exp.methods):
@@ -362,10 +370,32 @@ def figure_protocols_vs_bits(exp, finished, path):
                         mfc="none" if mark == "s" else None, color="0.6",
                         label="chance, " + ("trained" if key == "map" else "unseen") + " identities")
         ax.set(xlabel="code length (bits)", ylabel="mAP", xticks=exp.bits, ylim=(0, 1.02))
-    held = (f"{exp.unseen_identities} identities held out of training" if exp.unseen_identities
-            else "held-out identities")
     _figure(path, draw, f"mAP, trained and unseen identities — {data_label(exp)}\n"
             f"{held}; experiment {exp.name}, {_seeds_text(n)}", legend_columns=2 if len(exp.methods) > 3 else 1)
+
+
+def _protocol_bars(ax, exp, finished, trained, unseen):
+    """Two bars per method at the grid's one code length: trained identities (filled) and unseen
+    identities (hatched), mean with the seeds' standard deviation; chance levels as grey lines."""
+    bits, width = exp.bits[0], 0.38
+    for i, method in enumerate(exp.methods):
+        for stats, shift, where in ((trained, -width / 2, "trained"), (unseen, width / 2, "unseen")):
+            if (method, bits) in stats:
+                mean, std, _ = stats[method, bits]
+                ax.bar(i + shift, mean / 100, width, yerr=None if std is None else std / 100, capsize=3,
+                       color=f"C{i % 10}", alpha=1.0 if where == "trained" else 0.45,
+                       hatch=None if where == "trained" else "//", edgecolor="black", linewidth=0.5)
+    from matplotlib.patches import Rectangle
+    for where, alpha, hatch in (("trained", 1.0, None), ("unseen", 0.45, "//")):  # the legend's keys, in grey
+        ax.add_patch(Rectangle((0, 0), 0, 0, facecolor="0.55", alpha=alpha, hatch=hatch, edgecolor="black",
+                               linewidth=0.5, label=f"{where} identities"))
+    for key, style, where in (("map", "-", "trained"), ("map_unseen", "--", "unseen")):
+        chance = _chance_row(exp, finished, key)
+        if chance and chance[bits]:
+            ax.axhline(float(chance[bits]) / 100, color="0.4", linestyle=style, linewidth=1,
+                       label=f"chance, {where} identities")
+    ax.set_xticks(range(len(exp.methods)), [method_name(m) for m in exp.methods], rotation=20, ha="right")
+    ax.set(ylabel="mAP", ylim=(0, 1.02), xlim=(-0.6, len(exp.methods) - 0.4))
 
 
 def _mean_curves(finished, method, bits, curve, xkey):

@@ -128,10 +128,13 @@ def test_long_figure_titles_are_wrapped_inside_the_figure(synthetic_root, tmp_pa
     assert max(len(line) for line in wrap_title(title).split("\n")) <= TITLE_WIDTH
     seen, save = [], Figure.savefig
 
+    bars = {}
+
     def checked_save(fig, *args, **kwargs):
         text = fig.axes[0].title
         box = text.get_window_extent(fig.canvas.get_renderer())
         seen.append((text.get_text(), 0 <= box.x0 and box.x1 <= fig.bbox.width))
+        bars[text.get_text()] = [round(p.get_height(), 6) for p in fig.axes[0].patches if p.get_width() > 0]
         return save(fig, *args, **kwargs)
     monkeypatch.setattr(Figure, "savefig", checked_save)
     exp = load_experiment(_exp(tmp_path, synthetic_root, name="celeba299_unseen_cpu_with_a_much_longer_name"),
@@ -141,6 +144,9 @@ def test_long_figure_titles_are_wrapped_inside_the_figure(synthetic_root, tmp_pa
     write_report(exp)
     assert len(seen) == 6 and any("trained and unseen identities" in t for t, _ in seen)
     assert all(inside for _, inside in seen), [t for t, inside in seen if not inside]
+    # one code length: the protocols figure is two bars per method (trained, unseen), not 8 points on one line
+    protocols = next(t for t in bars if t.startswith("mAP, trained and unseen identities, 8 bits"))
+    assert bars[protocols] == [0.5, 0.3, 0.9, 0.25]
 
 
 def test_estimate_counts_only_the_trained_identities_images(synthetic_root, tmp_path, monkeypatch):
@@ -192,3 +198,25 @@ def test_estimate_count_of_an_image_folder_decodes_nothing(tmp_path, monkeypatch
         unseen = choose_unseen(database, queries, 1, seed)
         expected[seed] = len(hold_out(database, queries, unseen)["database"])
     assert counts == expected and set(expected.values()) <= {26 - n for n in (5, 6, 7, 8)}
+
+
+def test_protocols_figure_over_several_code_lengths_is_lines(synthetic_root, tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    drawn, save = {}, Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        drawn[ax.get_title()] = sorted((tuple(c.lines[0].get_xdata()), tuple(round(y, 6) for y in c.lines[0].get_ydata()))
+                                       for c in ax.containers if c.get_label().startswith("DCDH"))
+        return save(fig, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", record)
+    path = tmp_path / "two.toml"
+    path.write_text(TOML.format(root=synthetic_root, k=3).replace("bits = [8]", "bits = [8, 12]"))
+    exp = load_experiment(str(path), out=str(tmp_path), machine=False)
+    for cell in exp.cells:
+        _fake_cell(cell, (0.5, 0.3) if cell.bits == 8 else (0.6, 0.2))
+    write_report(exp)
+    title = next(t for t in drawn if t.startswith("mAP, trained and unseen identities —"))
+    assert drawn[title] == [((8, 12), (0.3, 0.2)), ((8, 12), (0.5, 0.6))]   # DCDH unseen and trained lines
