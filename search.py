@@ -301,6 +301,8 @@ def meta_value_problem(meta):
         if t["image_size"] != size:
             return f"transform image_size {t['image_size']!r} differs from image_size {size}"
     elif t["kind"] == "ddh":
+        if not all(type(t[k]) in (int, float) for k in ("mean", "std")):  # not true, "126.6" or null
+            return f"transform mean {t['mean']!r}, std {t['std']!r}: expected numbers"
         mean, std = float(t["mean"]), float(t["std"])
         if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
             return f"transform mean {t['mean']!r}, std {t['std']!r}: expected finite numbers, std > 0"

@@ -211,14 +211,14 @@ def run(cell_dir, code_version):
         finished, state = True, load_checkpoint(best)  # e.g. an unusable metrics.json set aside: evaluate again
     if not finished:
         resume = os.path.isfile(last) or os.path.isfile(best)
-        if not resume and read_log(log)[1]:  # epochs logged, no checkpoint left: a fresh log for a fresh run
-            try:
+        if not resume and os.path.isfile(log) and os.path.getsize(log):  # a fresh log for a fresh run
+            try:  # (an earlier attempt's log, whole, cut mid-line or garbled: never appended to)
                 kept = set_aside(log, "old")
             except OSError as e:
                 from utils.errors import UserInputError
-                raise UserInputError(f"{log}: no checkpoint is left of the epochs it records, and it cannot be set "
+                raise UserInputError(f"{log}: no checkpoint is left of the run it records, and it cannot be set "
                                      f"aside ({e.strerror or e}): rename or remove it") from None
-            print(f"[cell] {spec['cell']}: no checkpoint is left of the epochs model.log records; the log is "
+            print(f"[cell] {spec['cell']}: no checkpoint is left of the run model.log records; the log is "
                   f"kept as {os.path.basename(kept)} and the cell trains from scratch", flush=True)
         flags = spec["train_flags"] + (["--resume"] if resume else [])
         print(f"[cell] {spec['cell']}: {'resuming' if resume else 'training'}: python dcdh_train.py "

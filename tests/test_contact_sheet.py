@@ -57,3 +57,16 @@ def test_gallery_images_reads_image_files_and_ddh_rows(tmp_path):
     assert y.dtype == np.uint8 and y.min() == 0 and y.max() == 255
     with pytest.raises(UserInputError):
         load(str(tmp_path / "moved.png"))
+    # an edited index's paths: rows the file does not have, a file that is no DDH file (these
+    # raised IndexError/ValueError through search.py query --sheet; -1 silently showed the last row)
+    for row in ("2", "99999", "-1", "abc", "1e3", ""):
+        with pytest.raises(UserInputError, match=rf"part.pkl#{row}: no such row \(the file has 2\)"):
+            load(f"{pkl}#{row}")
+    garbage = tmp_path / "garbage.pkl"
+    garbage.write_bytes(b"not a pickle")
+    odd = tmp_path / "odd.pkl"
+    with open(odd, "wb") as f:
+        pickle.dump((np.zeros((2, 10), np.uint8), np.array([0, 1])), f)
+    for bad in (garbage, odd, tmp_path / "gone.pkl"):
+        with pytest.raises(UserInputError, match=rf"{bad}: not a DDH-layout file \("):
+            load(f"{bad}#0")

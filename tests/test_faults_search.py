@@ -120,9 +120,11 @@ def edited_index(small, tmp_path, **changes):
      "transform mean 120.0, std 0: expected finite numbers, std > 0"),
     ({"transform": {"kind": "ddh", "mean": 120.0, "std": -3.0}}, "transform mean 120.0, std -3.0"),
     ({"transform": {"kind": "ddh", "mean": float("nan"), "std": 60.0}}, "transform mean nan, std 60.0"),
+    ({"transform": {"kind": "ddh", "mean": 120.0, "std": True}}, "transform mean 120.0, std True: expected numbers"),
+    ({"transform": {"kind": "ddh", "mean": "126.6", "std": 60.0}}, "transform mean '126.6', std 60.0: expected numbers"),
     ({"transform": {"kind": "sharpen"}}, "transform kind 'sharpen': expected 'face_test' or 'ddh'"),
 ], ids=["version", "no-version", "bit-order", "bits-bool", "bits-float", "size", "std-0", "std-neg", "mean-nan",
-        "kind"])
+        "std-bool", "mean-str", "kind"])
 def test_edited_meta_is_one_line(small, tmp_path, capsys, changes, expected):
     ix = edited_index(small, tmp_path, **changes)
     err = cli_error(capsys, "query", "--index", ix, small["query"], "--device", "cpu", "--json", tmp_path / "r.json")

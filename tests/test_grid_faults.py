@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import types
@@ -427,6 +428,26 @@ def test_no_checkpoint_left_trains_from_scratch_and_says_so(trained, synthetic_r
         assert m[key] == trained[1][key], key
 
 
+@pytest.mark.parametrize("cut", ["mid-line", "garbage"])
+def test_a_cut_or_garbled_log_without_checkpoints_is_set_aside_not_appended_to(trained, synthetic_root, tmp_path,
+                                                                               monkeypatch, cut):
+    """Seen: a log cut inside its epoch line (no epoch counted, no newline at its end) was appended
+    to, the new [config] line merging with the old line, and train_s read 112 s for a 2 s run."""
+    _, exp, cell = _copy(trained, synthetic_root, tmp_path)
+    whole = open(cell.path("model.log"), "rb").read()
+    whole = re.sub(rb"(?m)^\d{4}-\d\d-\d\d", b"2020-01-01", whole)  # an attempt of long ago
+    old = whole[:whole.index(b"[epoch 1/2]") + 30] if cut == "mid-line" else bytes(range(256)) * 8
+    with open(cell.path("model.log"), "wb") as f:
+        f.write(old)
+    for name in ("metrics.json", "model.tar"):
+        os.unlink(cell.path(name))
+    failed, lines = _run_grid(monkeypatch, exp, [cell])
+    assert failed == 0, lines
+    assert open(cell.path("model.log.old-1"), "rb").read() == old
+    assert open(cell.path("model.log")).read().count("[config] dataset") == 1
+    assert _metrics_of(cell)["train_s"] <= trained[1]["train_s"] + 30   # this run's time, not the old log's
+
+
 def test_old_log_that_cannot_be_set_aside_is_one_line(trained, synthetic_root, tmp_path, monkeypatch):
     _, exp, cell = _copy(trained, synthetic_root, tmp_path)
     for name in ("metrics.json", "model.tar"):
@@ -437,7 +458,7 @@ def test_old_log_that_cannot_be_set_aside_is_one_line(trained, synthetic_root, t
     monkeypatch.setattr(grid.cell, "set_aside", refuse)
     with pytest.raises(UserInputError) as e:
         grid.cell.run(cell.dir, "test")
-    assert str(e.value) == (f"{cell.path('model.log')}: no checkpoint is left of the epochs it records, and it cannot "
+    assert str(e.value) == (f"{cell.path('model.log')}: no checkpoint is left of the run it records, and it cannot "
                             "be set aside (Permission denied): rename or remove it")
     assert sorted(os.listdir(cell.dir)) == ["cell.json", "model.log"]  # nothing trained or written
 
