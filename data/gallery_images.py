@@ -36,7 +36,7 @@ class GalleryImages:
             except Exception as e:  # a moved, foreign or corrupt file: the caller shows a placeholder
                 raise UserInputError(f"{file}: not a DDH-layout file ({type(e).__name__}: {e})") from None
             self._files[file] = data
-        if not (row.isdigit() and int(row) < len(self._files[file])):
+        if not (row.isascii() and row.isdigit() and int(row) < len(self._files[file])):  # not "²" or "١"
             raise UserInputError(f"{file}#{row}: no such row (the file has {len(self._files[file])})")
         x = self._files[file][int(row)].reshape(3, 32, 32).transpose(1, 2, 0)
         if x.dtype != np.uint8:   # stretch other dtypes to 0..255 for display
