@@ -59,7 +59,7 @@ def test_gallery_images_reads_image_files_and_ddh_rows(tmp_path):
         load(str(tmp_path / "moved.png"))
     # an edited index's paths: rows the file does not have, a file that is no DDH file (these
     # raised IndexError/ValueError through search.py query --sheet; -1 silently showed the last row)
-    for row in ("2", "99999", "-1", "abc", "1e3", "", "\u00b2", "\u0661"):  # "²", Arabic-Indic 1: isdigit() but not int()
+    for row in ("2", "99999", "-1", "abc", "1e3", "", "\u00b2", "\u0661"):  # isdigit(): "²" (int() refuses it), Arabic-Indic 1 (int() reads 1)
         with pytest.raises(UserInputError, match=rf"part.pkl#{row}: no such row \(the file has 2\)"):
             load(f"{pkl}#{row}")
     garbage = tmp_path / "garbage.pkl"
